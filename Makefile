@@ -1,0 +1,31 @@
+# bnexp developer commands. `make help` lists them.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+export BNEXP_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: help setup test test-fast test-all bench bench-gpu clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(BIN)/bnexp  ## create .venv and install bnexp with its dev extras (torch 2.14.1 from the local cache)
+
+$(BIN)/bnexp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+test: setup  ## run the test suite (CPU; real-data tests read BNEXP_DATA_DIR, default ../shared/data)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## only the fast tests (no slow, no real data)
+	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+
+bench: setup  ## benchmarks on this machine: BN layer and training epoch vs plain PyTorch
+	$(BIN)/bnexp bench bn epoch
+
+clean:  ## remove caches (keeps .venv and results/)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

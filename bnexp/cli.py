@@ -1,0 +1,153 @@
+"""The `bnexp` command line: parses arguments and delegates; no experiment logic lives here.
+
+Every user mistake (BnexpError, a bad option) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from . import __version__
+from .errors import BnexpError
+
+
+def _config_keys_help() -> str:
+    """The top-level keys of conf/config.yaml with their defaults and comments (always in sync)."""
+    from .config import CONF_DIR
+
+    lines = []
+    for line in (CONF_DIR / "config.yaml").read_text().splitlines():
+        m = re.match(r"^(\w+):\s*(\S+)\s*#\s*(.*)$", line)
+        if m:
+            lines.append(f"  {m.group(1) + '=' + m.group(2):<22} {m.group(3)}")
+    groups = "  model=lenet5|alexnet|alexnet_cifar  data=fashion_mnist|cifar100  norm=bn|torch|none  optim=sgd|adam"
+    return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
+                      "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
+                      "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])
+
+
+app = typer.Typer(
+    name="bnexp", add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+    help="Reproduce and extend the classic Batch Normalization experiments.",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"bnexp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Reproduce and extend the classic Batch Normalization experiments."""
+
+
+class OnOff(str, Enum):
+    on = "on"
+    off = "off"
+
+
+TRAIN_EPILOG = """\b
+Examples:
+  bnexp train --bn on lr=0.5
+  bnexp train --bn off lr=0.5 batch_size=512 epochs=20 seed=1
+  bnexp train model=alexnet_cifar data=cifar100 optim=adam lr=1e-3 batch_size=256
+  bnexp train epochs=1 train_size=5000 device=cpu data_dir=../shared/data
+
+"""
+
+
+@app.command(epilog=TRAIN_EPILOG + _config_keys_help())
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Hydra overrides on conf/config.yaml (see below)."),
+    bn: Optional[OnOff] = typer.Option(None, "--bn", help="Shortcut for bn=on|off (default: on)."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if this config already finished."),
+):
+    """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
+    from . import config, train as T
+
+    args = list(overrides or []) + ([f"bn={bn.value}"] if bn else [])
+    cfg = config.compose(args)
+    result = T.run(cfg, force=force)
+    typer.echo(summary_line(result))
+    if result.status in ("failed", "busy"):
+        raise typer.Exit(1)
+
+
+def summary_line(r) -> str:
+    """One line per run: status, final metrics, time, where it lives."""
+    f = r.final or {}
+    metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
+    extra = ""
+    if r.status == "diverged" and r.extra.get("diverged_at"):
+        d = r.extra["diverged_at"]
+        extra = f" (non-finite loss at epoch {d['epoch']}, step {d['step']})"
+    elif r.status == "skipped":
+        extra = f" ({r.message}; --force retrains)"
+    elif r.status == "busy":
+        extra = f" ({r.message})"
+    elif r.extra.get("resumed_from"):
+        extra = f" (resumed after epoch {r.extra['resumed_from']})"
+    time = f" {r.seconds:.1f}s" if r.seconds else ""
+    return f"{r.status} {r.run_id}: {metrics}{time}{extra} -> {r.path}".replace(":  ", ": ")
+
+
+class BenchName(str, Enum):
+    bn = "bn"
+    epoch = "epoch"
+    sweep = "sweep"
+    report = "report"
+
+
+@app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n  bnexp bench bn epoch")
+def bench(
+    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
+):
+    """Time bnexp against plain PyTorch in the same process and print ratios."""
+    import importlib
+    import json
+
+    from .train import resolve_device
+
+    dev = str(resolve_device(device))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in which or [BenchName.bn, BenchName.epoch]:
+        mod = importlib.import_module(f"bnexp.bench.{name.value}")
+        result = mod.run(device=dev)
+        typer.echo(mod.format_table(result))
+        path = out / f"{name.value}-{dev.replace(':', '')}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the Typer app, mapping user errors to one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = app(args=argv or ["--help"], prog_name="bnexp", standalone_mode=False)
+    except BnexpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TyperException as e:  # usage errors: unknown option, missing value, bad choice
+        print(f"error: {e.format_message()} (see `bnexp --help`)", file=sys.stderr)
+        return getattr(e, "exit_code", 2) or 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
+
+if __name__ == "__main__":
+    sys.exit(main())

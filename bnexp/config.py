@@ -1,0 +1,220 @@
+"""Compose and validate run configs; derive a run's identity from its resolved config.
+
+Config is read here and nowhere else: `compose(overrides)` turns Hydra overrides on
+`bnexp/conf/config.yaml` into a validated, read-only DictConfig; every later layer
+only reads plain values from it. User mistakes raise BnexpError with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import BnexpError
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+# Override keys users may type that are spelled differently in the config tree.
+ALIASES = {"optimizer": "optim"}
+
+# Keys that say where or how a run executes, not what is trained: excluded from the run id.
+NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "probe_every")
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+# ----------------------------------------------------------------------------- value checks
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bn": (lambda v: v is None or v in ("on", "off"), "on or off"),
+    "lr": (lambda v: _number(v) and v > 0, "a positive number"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "epochs": (_positive_int, "a positive integer"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "device": (lambda v: isinstance(v, str) and bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps"),
+    "data_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "a directory path or null"),
+    "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "train_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "test_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "drop_last": (lambda v: isinstance(v, bool), "true or false"),
+    "probe_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "model.name": (lambda v: isinstance(v, str), "a model name"),
+    "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
+    "data.name": (lambda v: isinstance(v, str), "a data set name"),
+    "data.verify": (lambda v: isinstance(v, bool), "true or false"),
+    "norm.kind": (lambda v: v in ("bn", "torch", "none"), "bn, torch or none"),
+    "norm.eps": (lambda v: _number(v) and v > 0, "a positive number"),
+    "norm.momentum": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
+    "norm.biased_running_var": (lambda v: isinstance(v, bool), "true or false"),
+    "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
+    "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),
+}
+FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay")
+BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d[p]
+    d[leaf] = value
+
+
+def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """Accept the spellings users type: `bn=true`, `lr=1` (int for a float), `drop_last=on`."""
+    bn = flat.get("bn")
+    if isinstance(bn, bool):
+        flat["bn"] = "on" if bn else "off"
+    elif isinstance(bn, str) and bn.lower() in BOOL_WORDS:
+        flat["bn"] = "on" if BOOL_WORDS[bn.lower()] else "off"
+    for key in FLOAT_KEYS:
+        v = flat.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            flat[key] = float(v)
+    for key in ("drop_last", "progress", "data.verify", "norm.biased_running_var"):
+        v = flat.get(key)
+        if isinstance(v, str) and v.lower() in BOOL_WORDS:
+            flat[key] = BOOL_WORDS[v.lower()]
+    return flat
+
+
+def validate(raw: dict) -> dict:
+    """Check every key's type and range, reconcile `bn` with `norm`; return the resolved dict."""
+    flat = _normalise_values(flatten(raw))
+    unknown = sorted(set(flat) - set(_CHECKS))
+    if unknown:
+        raise BnexpError(f"unknown config key '{unknown[0]}'; valid keys: {', '.join(sorted(_CHECKS))}")
+    missing = sorted(set(_CHECKS) - set(flat))
+    if missing:
+        raise BnexpError(f"config key '{missing[0]}' is missing (did a config group file lose it?)")
+    for key, (ok, expected) in _CHECKS.items():
+        if not ok(flat[key]):
+            raise BnexpError(f"{key} must be {expected}, got {flat[key]!r}")
+    # `bn` is a shortcut for `norm`: off means no normalisation; on requires a BN kind.
+    if flat["bn"] == "off":
+        flat["norm.kind"] = "none"
+    elif flat["bn"] == "on" and flat["norm.kind"] == "none":
+        raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
+    flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
+    if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
+        raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
+    out = OmegaConf.to_container(OmegaConf.create(raw))
+    for key, value in flat.items():
+        _set(out, key, value)
+    return out
+
+
+# ----------------------------------------------------------------------------- composition
+
+def apply_aliases(overrides: list[str]) -> list[str]:
+    """Rename alias keys (`optimizer=adam` -> `optim=adam`), keeping any +/~ prefix."""
+    out = []
+    for o in overrides:
+        m = re.match(r"^([+~]{0,2})([\w.]+)(.*)$", o, re.S)
+        if m and m.group(2) in ALIASES:
+            o = m.group(1) + ALIASES[m.group(2)] + m.group(3)
+        out.append(o)
+    return out
+
+
+def _hydra_error(e: Exception) -> BnexpError:
+    """Turn a Hydra composition/parse error into one actionable line."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e)
+    if isinstance(e, MissingConfigException):
+        m = re.search(r"Could not find '(\w+)/([^']*)'", text)
+        if m:
+            group = m.group(1)
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            return BnexpError(f"unknown {group} '{m.group(2)}'; choose one of: {', '.join(options)}")
+    if isinstance(e, OverrideParseException):
+        m = re.search(r"Error parsing override '([^']*)'", text)
+        what = m.group(1) if m else "?"
+        return BnexpError(f"malformed override '{what}': expected key=value (see `bnexp train --help`)")
+    m = re.search(r"Could not override '([^']*)'", text)
+    if m:
+        return BnexpError(f"unknown config key '{m.group(1)}'; see `bnexp train --help` for the keys")
+    m = re.search(r"Ambiguous value for argument '([^']*)'", text)
+    if m:
+        return BnexpError(f"'{m.group(1)}' is a sweep (several values); use `bnexp sweep` for grids")
+    return BnexpError(text.strip().splitlines()[0])
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """Hydra overrides -> validated, resolved, read-only config."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = apply_aliases(list(overrides))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except Exception as e:  # Hydra raises several types; all mean bad user input here
+        raise _hydra_error(e) from None
+    finally:
+        GlobalHydra.instance().clear()
+    resolved = validate(OmegaConf.to_container(cfg, resolve=True))
+    out = OmegaConf.create(resolved)
+    OmegaConf.set_readonly(out, True)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def from_yaml(path: Path) -> DictConfig:
+    """Load a saved resolved config (a run's config.yaml) and validate it again."""
+    out = OmegaConf.create(validate(OmegaConf.to_container(OmegaConf.load(path))))
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+# ----------------------------------------------------------------------------- run identity
+
+def identity(cfg: DictConfig) -> dict:
+    """The part of the config that determines the numbers a run produces."""
+    d = OmegaConf.to_container(cfg)
+    for key in NON_IDENTITY_KEYS:
+        d.pop(key, None)
+    if d["norm"]["kind"] == "none":  # no norm layers: their settings cannot change the numbers
+        d["norm"] = {"kind": "none"}
+    return d
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Readable prefix + hash of the identity, e.g. lenet5-fashion_mnist-bn-sgd-lr0.5-bs512-e20-s0-3f9c2a1b0d."""
+    prefix = (f"{cfg.model.name}-{cfg.data.name}-{cfg.norm.kind}-{cfg.optim.name}"
+              f"-lr{cfg.lr:g}-bs{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}")
+    return f"{prefix}-{config_hash(cfg)}"

@@ -1,0 +1,60 @@
+"""Activation probes: what each norm layer sees and emits, on one fixed batch (BN claim 2).
+
+The probe runs the model in eval mode under no_grad, so it changes no weight, no running
+statistic and no random state: a probed run trains exactly like an unprobed one.
+With BN off the norm position is an nn.Identity, whose input is the pre-activation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+MAX_SAMPLES = 20_000  # values kept per (epoch, layer, where) in activations.npz
+
+
+def probe_epochs(epochs: int, every: int) -> set[int]:
+    """Epoch 0 (initialisation), 1, every `every`-th, and the last."""
+    out = {0, 1, epochs}
+    if every > 0:
+        out.update(range(every, epochs + 1, every))
+    return out
+
+
+def _sample(t: torch.Tensor) -> np.ndarray:
+    """A deterministic, evenly strided subsample of a flattened tensor."""
+    flat = t.detach().reshape(-1).float()
+    if flat.numel() > MAX_SAMPLES:
+        idx = torch.linspace(0, flat.numel() - 1, MAX_SAMPLES, device=flat.device).long()
+        flat = flat[idx]
+    return flat.cpu().numpy()
+
+
+@torch.no_grad()
+def capture(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run `x` through `model` in eval mode; return {layer: (input, output)} of every norm layer."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, module in model.norm_layers():
+        def hook(_m, inputs, output, name=name):
+            seen[name] = (inputs[0].detach(), output.detach())
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def record(model: nn.Module, x: torch.Tensor, epoch: int, step: int, samples: dict, tb=None) -> None:
+    """Add epoch `epoch`'s activations to `samples` (npz keys) and to TensorBoard histograms."""
+    for layer, (inp, out) in capture(model, x).items():
+        for where, t in (("input", inp), ("output", out)):
+            samples[f"e{epoch}/{layer}/{where}"] = _sample(t)
+            if tb is not None:
+                tb.histogram(f"activations/{layer}/{where}", t, step)

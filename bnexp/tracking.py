@@ -1,0 +1,205 @@
+"""A run's directory on disk: config, run.json, metrics, step losses, checkpoint, lock, TensorBoard.
+
+Every file is written atomically (temp file + rename), so a crash or `kill -9` leaves either
+the old or the new version, never half a file. Layout: results/README.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+
+from . import __version__
+from .errors import BnexpError
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+FINISHED = ("completed", "diverged")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same directory and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def csv_text(columns, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def git_commit() -> str | None:
+    """The commit of the bnexp source tree, with '-dirty' when it has uncommitted changes."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "bnexp": __version__}
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail early, with one line, if runs cannot be written under `results_dir`."""
+    try:
+        (results_dir / "runs").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=results_dir / "runs", prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise BnexpError(f"results_dir '{results_dir}' is not writable ({e.strerror}); "
+                         f"pass results_dir=<a writable directory>") from None
+
+
+class RunDir:
+    """One run's directory: `results_dir/runs/<run_id>/`."""
+
+    def __init__(self, results_dir: Path, run_id: str):
+        self.run_id = run_id
+        self.path = Path(results_dir) / "runs" / run_id
+        self._lock = FileLock(str(self.path / ".lock"), timeout=0)
+
+    # -- locking: one process trains a run at a time (two sweeps over one grid never collide)
+    def acquire(self) -> bool:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+            return True
+        except Timeout:
+            return False
+
+    def release(self) -> None:
+        self._lock.release()
+
+    # -- run.json
+    def read_info(self) -> dict | None:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_info(self, info: dict) -> None:
+        atomic_write_text(self.path / "run.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
+
+    def status(self) -> str | None:
+        info = self.read_info()
+        return info.get("status") if info else None
+
+    # -- config, metrics, steps, activations
+    def write_config(self, cfg) -> None:
+        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        text = csv_text(METRIC_COLUMNS, ([r[c] for c in METRIC_COLUMNS] for r in rows))
+        atomic_write_text(self.path / "metrics.csv", text)
+
+    def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
+        rows, step = [], 0
+        for epoch, n in enumerate(steps_per_epoch, start=1):
+            for loss in losses[step:step + n]:
+                step += 1
+                rows.append((step, epoch, f"{loss:.6g}"))
+        atomic_write_text(self.path / "steps.csv", csv_text(("step", "epoch", "loss"), rows))
+
+    def write_activations(self, samples: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **samples)
+        atomic_write_bytes(self.path / "activations.npz", buf.getvalue())
+
+    def read_activations(self) -> dict[str, np.ndarray]:
+        try:
+            with np.load(self.path / "activations.npz") as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            return {}
+
+    # -- checkpoint
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def save_checkpoint(self, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception:  # a damaged checkpoint means: start over, it is only a cache of progress
+            return None
+
+    def clear(self) -> None:
+        """Remove the outputs of a previous attempt (for --force), keeping the lock file."""
+        for p in self.path.iterdir():
+            if p.name != ".lock" and p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                for q in sorted(p.rglob("*"), reverse=True):
+                    q.unlink() if q.is_file() else q.rmdir()
+                p.rmdir()
+
+
+class TensorBoardLog:
+    """Scalars, histograms and hparams for one run; resumable without duplicate points."""
+
+    def __init__(self, path: Path, purge_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events a killed attempt wrote after the checkpoint it resumes from.
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=purge_step, flush_secs=30)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, metrics, run_name="hparams")
+
+    def close(self) -> None:
+        self.writer.close()

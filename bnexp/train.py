@@ -1,0 +1,299 @@
+"""One reproducible training run: `run(cfg)` prepares, trains (or resumes, or skips) and records.
+
+The loop follows the moon-hotel 07_BN reference: mean cross-entropy, plain SGD or Adam,
+training loss/accuracy = the mean over the epoch's training batches (what its logged
+per-iteration losses average to), test metrics from a separate pass in eval mode.
+The data set stays on the device as uint8 and batches are drawn by indexing (no DataLoader).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from . import config as C
+from . import data, models, probes
+from .errors import BnexpError
+from .tracking import FINISHED, RunDir, TensorBoardLog, check_writable, git_commit, now_iso, versions
+
+PROBE_BATCH = 256  # test images in the fixed activation-probe batch
+
+
+@dataclass
+class RunResult:
+    """What happened to one run; `status` adds 'skipped' and 'busy' to the run.json statuses."""
+    run_id: str
+    path: Path
+    status: str
+    final: dict | None = None
+    seconds: float = 0.0
+    message: str = ""
+    epochs_completed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BnexpError(f"device={spec} but CUDA is not available here; use device=cpu or device=auto")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise BnexpError(f"device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if spec == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BnexpError("device=mps but MPS is not available here; use device=cpu or device=auto")
+    return torch.device(spec)
+
+
+def build_optimizer(cfg, params):
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    train: data.Split
+    test: data.Split
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def prepare(cfg) -> Setup:
+    """Everything that can fail on bad input, before any training step: device, data, model."""
+    device = resolve_device(cfg.device)
+    root = data.resolve_data_dir(cfg.data_dir)
+    train = data.load_split(cfg.data.name, root, True, cfg.train_size, device, verify=cfg.data.verify)
+    test = data.load_split(cfg.data.name, root, False, cfg.test_size, device, verify=cfg.data.verify)
+    if cfg.batch_size > len(train):
+        raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train)} samples); "
+                         f"lower batch_size or raise train_size")
+    torch.manual_seed(cfg.seed)  # model init
+    norm_kwargs = {} if cfg.norm.kind == "none" else {"eps": cfg.norm.eps, "momentum": cfg.norm.momentum}
+    if cfg.norm.kind == "bn":
+        norm_kwargs["biased_running_var"] = cfg.norm.biased_running_var
+    model = models.build_model(cfg.model.name, cfg.norm.kind, num_classes=train.num_classes,
+                               in_channels=train.x.shape[1], image_size=train.x.shape[-1],
+                               dropout=cfg.model.dropout, **norm_kwargs).to(device)
+    return Setup(device, train, test, model, build_optimizer(cfg, model.parameters()))
+
+
+# ----------------------------------------------------------------------------- epochs
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
+    """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
+    batches = data.batch_indices(len(s.train), cfg.batch_size, gen, cfg.drop_last, s.device)
+    size = s.model.input_size
+    losses = torch.empty(len(batches), device=s.device)
+    correct = torch.zeros((), dtype=torch.long, device=s.device)
+    seen = 0
+    # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
+    check_every = 1 if s.device.type == "cpu" else 50
+    s.model.train()
+    _sync(s.device)
+    t0 = time.perf_counter()
+    for i, idx in enumerate(batches):
+        xb, yb = data.to_input(s.train.x[idx], size), s.train.y[idx]
+        out = s.model(xb)
+        loss = F.cross_entropy(out, yb)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+        losses[i] = loss.detach()
+        correct += (out.argmax(1) == yb).sum()
+        seen += len(idx)
+        if (i + 1) % check_every == 0 or i + 1 == len(batches):
+            value = loss.item()
+            if bar is not None:
+                bar.update(check_every if (i + 1) % check_every == 0 else (i + 1) % check_every)
+                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
+            if not math.isfinite(value):
+                losses = losses[: i + 1]
+                break
+    _sync(s.device)
+    seconds = time.perf_counter() - t0
+    sizes = torch.tensor([len(b) for b in batches[: len(losses)]], device=s.device, dtype=losses.dtype)
+    return {"losses": losses.cpu(), "train_loss": float((losses * sizes).sum() / sizes.sum()),
+            "train_acc": correct.item() / max(seen, 1), "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, split: data.Split, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy over `split` in eval mode (running statistics)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
+    for start in range(0, len(split), batch_size):  # contiguous slices: no gather needed in eval
+        out = model(data.to_input(split.x[start:start + batch_size], model.input_size))
+        yb = split.y[start:start + batch_size]
+        loss_sum += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    model.train()
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _progress_bar(cfg, total: int, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, leave=False,
+                dynamic_ncols=True, disable=None)
+
+
+def _info(rd: RunDir, cfg, device, status: str, state: dict, started: str, **extra) -> dict:
+    rows = state["metrics"]
+    last = rows[-1] if rows else None
+    return {
+        "run_id": rd.run_id, "status": status,
+        "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+        "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
+        "error": extra.get("error"), "seed": cfg.seed, "device": str(device),
+        "config_hash": C.config_hash(cfg), "versions": versions(), "git_commit": git_commit(),
+        "started": started, "ended": extra.get("ended"),
+        "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
+                    "total": round(state["elapsed"], 3)},
+    }
+
+
+def _fresh_state() -> dict:
+    return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None}
+
+
+def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
+    """Restore model, optimiser and RNG from the last checkpoint, if it belongs to this config."""
+    ckpt = rd.load_checkpoint()
+    if ckpt is None or ckpt.get("config_hash") != C.config_hash(cfg):
+        return _fresh_state()
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
+    return ckpt["state"]
+
+
+def _checkpoint(rd: RunDir, s: Setup, cfg, state: dict) -> None:
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}
+    rd.save_checkpoint({"config_hash": C.config_hash(cfg), "model": s.model.state_dict(),
+                        "optimizer": s.optimizer.state_dict(), "rng": rng, "state": state})
+
+
+def run(cfg, force: bool = False) -> RunResult:
+    """Train the run `cfg` describes, unless it already finished; resume it if it was interrupted."""
+    results_dir = Path(cfg.results_dir)
+    check_writable(results_dir)
+    rd = RunDir(results_dir, C.run_id(cfg))
+    if not force and rd.status() in FINISHED:
+        info = rd.read_info()
+        return RunResult(rd.run_id, rd.path, "skipped", info.get("final"), message=f"already {info['status']}",
+                         epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
+    s = prepare(cfg)  # bad input fails here, before the run directory is touched
+    if not rd.acquire():
+        return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
+    try:
+        if force:
+            rd.clear()
+        return _train(cfg, rd, s)
+    finally:
+        rd.release()
+
+
+def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
+    state = _resume_state(rd, s, cfg)
+    resumed = state["epoch"]
+    prior = rd.read_info() or {}
+    started = prior.get("started") if resumed and prior.get("started") else now_iso()
+    samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
+    rd.write_config(cfg)
+    rd.write_info(_info(rd, cfg, s.device, "running", state, started))
+    step0 = sum(state["steps_per_epoch"])
+    tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
+    probe_x = data.to_input(s.test.x[:PROBE_BATCH], s.model.input_size)
+    probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
+    steps_per_epoch = len(data.batch_indices(len(s.train), cfg.batch_size, None, cfg.drop_last, "cpu"))
+    bar = _progress_bar(cfg, cfg.epochs * steps_per_epoch, step0)
+    t_start = time.perf_counter() - state["elapsed"]
+    status = "running"
+    try:
+        if resumed == 0:
+            probes.record(s.model, probe_x, 0, 0, samples, tb)
+        for epoch in range(resumed + 1, cfg.epochs + 1):
+            ep = train_epoch(s, cfg, epoch, bar)
+            step_losses = ep["losses"].tolist()
+            for j, v in enumerate(step_losses, start=step0 + 1):
+                tb.scalars({"train/loss_step": v}, j)
+            state["losses"] += step_losses
+            state["steps_per_epoch"].append(len(step_losses))
+            step0 += len(step_losses)
+            if not all(math.isfinite(v) for v in step_losses):
+                state["diverged_at"] = {"epoch": epoch, "step": step0}
+                status = "diverged"
+                break
+            test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size)
+            row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
+                   "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
+                   "lr": s.optimizer.param_groups[0]["lr"], "seconds": round(ep["seconds"], 4)}
+            state["metrics"].append(row)
+            tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
+            if epoch in probe_at:
+                probes.record(s.model, probe_x, epoch, step0, samples, tb)
+                rd.write_activations(samples)
+            state["epoch"] = epoch
+            state["elapsed"] = time.perf_counter() - t_start
+            _checkpoint(rd, s, cfg, state)
+            rd.write_metrics(state["metrics"])
+            rd.write_steps(state["losses"], state["steps_per_epoch"])
+            rd.write_info(_info(rd, cfg, s.device, "running", state, started))
+        else:
+            status = "completed"
+    except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
+        state["elapsed"] = time.perf_counter() - t_start
+        (rd.path / "error.log").write_text(traceback.format_exc())
+        rd.write_info(_info(rd, cfg, s.device, "failed", state, started, error=f"{type(e).__name__}: {e}",
+                            ended=now_iso()))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    state["elapsed"] = time.perf_counter() - t_start
+    rd.write_metrics(state["metrics"])
+    rd.write_steps(state["losses"], state["steps_per_epoch"])
+    if samples:
+        rd.write_activations(samples)
+    info = _info(rd, cfg, s.device, status, state, started, ended=now_iso())
+    rd.write_info(info)
+    hp = {k: v for k, v in C.flatten(OmegaConf.to_container(cfg)).items() if k not in C.NON_IDENTITY_KEYS}
+    tb.hparams(hp, {f"hparam/{k}": (v if v is not None else float("nan"))
+                    for k, v in (info["final"] or {}).items()})
+    tb.close()
+    return RunResult(rd.run_id, rd.path, status, info["final"], state["elapsed"], epochs_completed=len(state["metrics"]),
+                     extra={"resumed_from": resumed, "diverged_at": state["diverged_at"]})
+
