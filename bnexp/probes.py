@@ -1,7 +1,10 @@
 """Activation probes: what each norm layer sees and emits, on one fixed batch (BN claim 2).
 
-The probe runs the model in eval mode under no_grad, so it changes no weight, no running
-statistic and no random state: a probed run trains exactly like an unprobed one.
+The probe shows the distributions as they are *during training*: BN normalises the probe batch
+with its own batch statistics (train mode), which is what the next layer sees at a training
+step. It still has no side effects, so a probed run trains exactly like an unprobed one:
+running statistics and num_batches_tracked are restored afterwards, dropout is held in eval
+mode (it would otherwise draw random numbers) and no gradient is taken.
 With BN off the norm position is an nn.Identity, whose input is the pre-activation.
 """
 
@@ -33,18 +36,25 @@ def _sample(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def capture(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run `x` through `model` in eval mode; return {layer: (input, output)} of every norm layer."""
+    """Run `x` through `model` with batch statistics; return {layer: (input, output)} of every norm layer."""
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers = model.norm_layers()
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for _, m in layers]
     hooks = []
-    for name, module in model.norm_layers():
+    for name, module in layers:
         def hook(_m, inputs, output, name=name):
             seen[name] = (inputs[0].detach(), output.detach())
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
-    model.eval()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
     try:
         model(x)
     finally:
+        for (_, module), state in zip(layers, saved):
+            module.load_state_dict(state)
         model.train(was_training)
         for h in hooks:
             h.remove()
