@@ -1,0 +1,215 @@
+"""`bnexp report`: runs on disk -> tables (Markdown + CSV), figures (PNG), report.md / report.html.
+
+write_report() is the whole pipeline; the CLI only parses its options and prints `summary`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+import bnexp
+from bnexp.errors import BnexpError
+from bnexp.reference import ReferenceData, load_reference
+from bnexp.report import aggregate as agg
+from bnexp.report import render as R
+from bnexp.report.compare import compare, dead_text, verdict_counts
+from bnexp.report.figure_plan import FigureInfo, draw_all
+from bnexp.report.load import FINAL_METRICS, STATUSES, Runs, apply_where, load_runs
+from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, reference_blocks,
+                                 split_display)
+
+FORMATS = ("md", "html", "both")
+CSV_NAMES = ("runs.csv", "groups.csv", "bn_vs_no_bn.csv", "reference.csv")
+# (sweep preset, the claim it tests, figure kinds that show it); the 5-epoch one is a reference table only
+EXPERIMENTS = (
+    ("convergence", "BN converges faster (loss vs iteration)", ("loss",)),
+    ("lr_sensitivity", "BN tolerates larger learning rates", ("lr",)),
+    ("batch_size", "BN is sensitive to small batches", ("batch",)),
+    ("activation_stability", "BN keeps layer inputs close to N(0,1)", ("activations",)),
+    ("generalization", "BN regularises (CIFAR-100 train vs test accuracy)", ("generalization",)),
+    ("article_5epoch", "5-epoch test accuracies of the article (approximate configuration)", ()),
+)
+
+
+@dataclass
+class ReportResult:
+    """What write_report wrote, counts, and the text the CLI prints."""
+
+    out_dir: Path
+    reports: list[Path]
+    tables: list[Path]
+    figures: list[Path]
+    n_runs: int
+    n_by_status: dict[str, int]
+    n_groups: int
+    n_skipped: int
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.reports, *self.tables, *self.figures]
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows, computed once from the runs (before any file is written)."""
+
+    runs: Runs
+    refdata: ReferenceData
+    keys: list[str]              # defining config keys (the group identity)
+    groups: pd.DataFrame         # one row per group (aggregate.aggregate)
+    runs_tab: pd.DataFrame       # runs + outcome + group id
+    other: list[str]             # defining keys beyond the main ones that vary between groups
+    pairs: pd.DataFrame          # BN vs no-BN pairs
+    ref_table: pd.DataFrame      # reference comparison
+    by_status: dict[str, int]
+
+
+def analyse(results_dir: Path, where: list[str]) -> Analysis:
+    """Read, filter, group and compare; raises BnexpError when there is nothing to report."""
+    refdata = load_reference()
+    dead = refdata.tolerances["dead"]
+    runs = apply_where(load_runs(results_dir), where)
+    keys = agg.defining_keys(runs.config_keys)
+    groups = agg.aggregate(runs, refdata.num_classes, dead)
+    return Analysis(runs, refdata, keys, groups, agg.with_outcomes(runs, groups, refdata.num_classes, dead),
+                    agg.varying_keys(groups, keys), agg.bn_pairs(groups, keys), compare(groups, refdata),
+                    runs.runs["status"].value_counts().to_dict())
+
+
+# ---------------------------------------------------------------- the report
+
+def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> list[R.Block]:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    status = ", ".join(f"{by_status[s]} {s}" for s in STATUSES if by_status.get(s))
+    lines = [f"Generated {now} by bnexp {bnexp.__version__} from `{results_dir}`.",
+             f"Runs: {len(runs.runs)} ({status}) in {n_groups} groups (runs sharing a config except the seed)."]
+    if where:
+        lines.append(f"Filter: `--where {' '.join(where)}`.")
+    if runs.warnings:
+        lines.append(f"{len(runs.warnings)} run directories skipped or partial: see the last section.")
+    return [R.Heading("bnexp report", 1), R.Text("\n\n".join(lines))]
+
+
+def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for name, claim, kinds in EXPERIMENTS:
+        n = sum(f.kind in kinds and (name != "generalization" or f.data == "cifar100") for f in figs)
+        if name == "article_5epoch":
+            hit = ref_table[ref_table["group"].notna() & ref_table["set"].str.contains("5-epoch")]
+            n, what = len(hit), "reference row"
+        else:
+            what = "figure"
+        rows.append({"experiment": name, "shows": claim,
+                     "status": f"{n} {what}{'s' * (n != 1)}" if n else "no runs yet",
+                     "command": "" if n else f"`bnexp sweep --preset {name}`" + (
+                         " (or `generalization_alexnet_cifar`: 32 px, minutes)" if name == "generalization" else "")})
+    return pd.DataFrame(rows)
+
+
+def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[FigureInfo],
+                 skipped: dict[str, int]) -> list[R.Block]:
+    """The whole report, top to bottom, as blocks for render.to_markdown / to_html."""
+    runs, groups, runs_tab, pairs, ref_table, refdata = a.runs, a.groups, a.runs_tab, a.pairs, a.ref_table, a.refdata
+    keys, other = a.keys, a.other
+    b: list[R.Block] = _header(results_dir, runs, a.by_status, len(groups), where)
+    main = {k for k, _ in agg.MAIN_KEYS} | {"bn"}
+    counts = verdict_counts(ref_table)
+    b += [R.Heading("Summary"), R.Bullets([
+        "reference numbers: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
+        f"{len(pairs)} BN vs no-BN pairs; BN has the lower final training loss in "
+        f"{int((pairs['train_loss_delta'] < 0).sum()) if len(pairs) else 0} of them",
+        f"{len(figs)} figures; outcomes: {dead_text(refdata.tolerances['dead'])}; diverged = non-finite loss "
+        f"(status diverged)"])]
+    b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table))]
+    b += [R.Heading("Reference comparison"), *reference_blocks(ref_table, refdata)]
+    shared = agg.other_text(groups.iloc[0], [k for k in keys if k not in other and k not in main]) \
+        if len(groups) else ""
+    b += [R.Heading("Final metrics per group"),
+          R.Text("Mean ± sample std over the seeds of a group that did not diverge (n = those seeds); "
+                 f"final = last epoch's values from run.json. Shared by all groups: {shared or '—'}."),
+          R.Table(groups_display(groups, other), "groups.csv") if len(groups) else
+          R.Text("No completed or diverged runs yet.")]
+    b += [R.Heading("BN vs no BN"),
+          R.Text("Groups that differ only in the BN arm (bn / norm.*; dropout too where it follows the "
+                 "automatic rule: 0.5 without BN, none with BN). Δ = BN − no BN.")]
+    b += [R.Table(pairs_display(pairs), "bn_vs_no_bn.csv")] if len(pairs) else [R.Text("No pairs yet.")]
+    split = split_display(runs_tab, groups)
+    if len(split):
+        b += [R.Heading("Per-seed outcomes where seeds split"), R.Table(split)]
+    b += [R.Heading("Figures")]
+    for f in figs:
+        b.append(R.Figure(f.path, f.caption))
+    left = {k: v for k, v in skipped.items() if v}
+    if left:
+        b.append(R.Text("Not drawn (limit per kind, best contexts first; use `--where` to choose): "
+                        + ", ".join(f"{v} {k}" for k, v in left.items()) + "."))
+    if not figs:
+        b.append(R.Text("No figures: no aggregated runs."))
+    pending = runs_tab[~runs_tab["status"].isin(("completed", "diverged"))]
+    if len(pending):
+        b += [R.Heading("Runs not aggregated (running / failed)"),
+              R.Table(pd.DataFrame({"run": pending["run_id"], "status": pending["status"],
+                                    "epochs completed": pending["epochs_completed"].map(lambda x: fmt_cell(x, ".0f")),
+                                    "error": pending["error"].str.slice(0, 120)}))]
+    if runs.warnings:
+        b += [R.Heading("Skipped or partial run directories"), R.Bullets(runs.warnings)]
+    return b
+
+
+def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
+    """runs.csv, groups.csv, bn_vs_no_bn.csv, reference.csv: the raw numbers behind the tables."""
+    paths = [out_dir / n for n in CSV_NAMES]
+    first = ["run_id", "group", "status", "outcome", *FINAL_METRICS]
+    rest = [c for c in a.runs_tab.columns if c not in first and c != "group_key"]
+    a.runs_tab[first + rest].to_csv(paths[0], index=False)
+    a.groups.drop(columns="group_key").to_csv(paths[1], index=False)
+    a.pairs.to_csv(paths[2], index=False)
+    a.ref_table.to_csv(paths[3], index=False)
+    return paths
+
+
+def _clean(out_dir: Path) -> None:
+    """Remove what an earlier report wrote here (only our own file names)."""
+    for p in [*out_dir.glob("fig[1-5]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]:
+        if p.is_file():
+            p.unlink()
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None, where: list[str] | tuple[str, ...] = (),
+                 fmt: str = "md") -> ReportResult:
+    """Read every run under results_dir/runs, write tables, figures and report.md/.html to out_dir."""
+    if fmt not in FORMATS:
+        raise BnexpError(f"unknown report format {fmt!r}: use md, html or both")
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir else results_dir / "report"
+    where = list(where)
+    a = analyse(results_dir, where)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean(out_dir)
+    tables = write_tables(a, out_dir)
+    prefer = set(a.ref_table.loc[a.ref_table["quality"] == "exact", "group"].dropna())
+    figs, skipped = draw_all(a.groups, a.runs_tab, a.runs.epochs, a.runs.steps, a.keys, a.other,
+                             a.refdata.num_classes, out_dir, prefer)
+    blocks = build_blocks(a, results_dir, where, figs, skipped)
+    reports = []
+    if fmt in ("md", "both"):
+        reports.append(out_dir / "report.md")
+        reports[-1].write_text(R.to_markdown(blocks), encoding="utf-8")
+    if fmt in ("html", "both"):
+        reports.append(out_dir / "report.html")
+        reports[-1].write_text(R.to_html(blocks, f"bnexp report: {results_dir}"), encoding="utf-8")
+
+    runs, counts = a.runs, verdict_counts(a.ref_table)
+    summary = "\n".join([
+        f"{len(runs.runs)} runs ({', '.join(f'{v} {k}' for k, v in a.by_status.items())}), {len(a.groups)} groups, "
+        f"{len(figs)} figures, {len(runs.warnings)} directories skipped or partial",
+        "reference: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
+        *(f"wrote {p}" for p in reports)])
+    return ReportResult(out_dir, reports, tables, [f.path for f in figs], len(runs.runs), a.by_status,
+                        len(a.groups), sum(w.startswith("skipped") for w in runs.warnings), runs.warnings, summary)

@@ -1,0 +1,170 @@
+"""Which figures the report draws: contexts, per-kind limits, and drawing them in parallel.
+
+A *context* is a set of run groups that share every defining config key except the BN arm
+(bn, norm.*, model.dropout) and the swept key (lr for figures 1, 2, 5; batch size for 3).
+Contexts holding a group that matches an exact reference come first; each kind is capped
+(MAX_FIGURES) so the report's cost does not grow with the number of runs.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from bnexp.report.aggregate import context_key, fmt_value
+from bnexp.report.figures import (binned_steps, epoch_stats, fig_activations, fig_generalization,
+                                  fig_loss, fig_sweep, read_activations)
+
+MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2}  # ~0.1 s CPU per panel
+
+
+@dataclass
+class FigureInfo:
+    kind: str          # loss | lr | batch | activations | generalization
+    path: Path
+    caption: str
+    data: str = ""     # the context's data set (the generalisation experiment is CIFAR-100's)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a context label."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[:80]
+
+
+def context_label(row: pd.Series, drop: tuple[str, ...], other: list[str]) -> str:
+    parts = [f"{row.get('model.name')} / {row.get('data.name')}", str(row.get("optim.name"))]
+    for key, short in (("lr", "lr"), ("batch_size", "batch"), ("epochs", "epochs")):
+        if key not in drop and key in row:
+            parts.append(f"{short} {fmt_value(row[key])}")
+    parts += [f"{k}={fmt_value(row[k])}" for k in other if not k.startswith("norm.") and k != "model.dropout"]
+    # a subset run must never look like a full-data one
+    parts += [f"{k}={fmt_value(row[k])}" for k in ("train_size", "test_size")
+              if k not in other and k in row and fmt_value(row[k]) != "null"]
+    return ", ".join(parts)
+
+
+def contexts(groups: pd.DataFrame, keys: list[str], drop: tuple[str, ...], prefer: set[str]) -> list[pd.DataFrame]:
+    """Groups split by context (all defining keys but the BN arm and `drop`), best first:
+    contexts holding a reference-matched group, then the ones with more groups."""
+    if groups.empty:
+        return []
+    ctx = groups.apply(lambda r: context_key(r, keys, drop), axis=1)
+    parts = [groups.loc[idx] for _, idx in groups.groupby(ctx, sort=False).groups.items()]
+    return sorted(parts, key=lambda p: (not set(p["group"]) & prefer, -len(p), p.index.min()))
+
+
+def pick_activation_runs(ctx: pd.DataFrame, runs: pd.DataFrame) -> list[pd.Series]:
+    """One run per BN arm of the context (lowest seed with activations.npz): BN first."""
+    r = runs[runs["group"].isin(ctx["group"]) & runs["has_activations"] & (runs["outcome"] != "diverged")]
+    picked = []
+    for bn in ("on", "off"):
+        arm = r[r["bn"] == bn].sort_values(["norm.kind", "seed"])
+        if len(arm):
+            picked.append(arm.iloc[0])
+    return picked
+
+
+def activation_figure(picked: list[pd.Series], title: str, path: Path) -> Path | None:
+    arms = [(run, read_activations(Path(run["dir"]) / "activations.npz")) for run in picked]
+    arms = [(r, a) for r, a in arms if a]
+    return fig_activations(arms, title, path) if arms else None
+
+
+def _workers(n_jobs: int) -> int:
+    """Processes for drawing: BNEXP_REPORT_JOBS, else up to 2 (figures are independent and
+    matplotlib is single-threaded); 1 where fork is unavailable (the workers inherit the data)."""
+    env = os.environ.get("BNEXP_REPORT_JOBS", "")
+    want = int(env) if env.isdigit() and int(env) > 0 else min(2, os.cpu_count() or 1)
+    if "fork" not in mp.get_all_start_methods() or sys.platform == "darwin":
+        return 1
+    return max(1, min(want, n_jobs)) if n_jobs >= 4 else 1      # a pool costs more than 1-3 figures
+
+
+def run_jobs(jobs: list[tuple[Callable, tuple]]) -> list:
+    """Call fn(*args) for every job, in worker processes when that helps; results in order."""
+    n = _workers(len(jobs))
+    if n > 1:
+        try:
+            with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as ex:
+                return [f.result() for f in [ex.submit(fn, *args) for fn, args in jobs]]
+        except (BrokenProcessPool, OSError):
+            pass                                  # e.g. no /dev/shm or fork refused: draw here
+    return [fn(*args) for fn, args in jobs]
+
+
+def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame, steps: pd.DataFrame,
+             keys: list[str], other: list[str], num_classes: dict, out_dir: Path,
+             prefer: set[str]) -> tuple[list[FigureInfo], dict[str, int]]:
+    """Every figure the runs allow (capped per kind, best contexts first) and the count left out."""
+    agg = runs_tab[runs_tab["group"] != ""]
+    run_group = agg.set_index("run_id")["group"]
+    steps_b, spe = binned_steps(steps, run_group)
+    ep = epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc"))
+    jobs: list[tuple[str, str, Callable, tuple]] = []      # (kind, caption, function, arguments)
+    data_of: list[str] = []
+    skipped: dict[str, int] = {}
+
+    def add(kind: str, found: list, make) -> None:
+        skipped[kind] = max(0, len(found) - MAX_FIGURES[kind])
+        for i, item in enumerate(found[:MAX_FIGURES[kind]], 1):
+            jobs.append((kind, *make(i, item)))
+            ctx = item[0] if isinstance(item, tuple) else item
+            data_of.append(str(ctx["data.name"].iloc[0]))
+
+    def only(df: pd.DataFrame, ctx: pd.DataFrame) -> pd.DataFrame:
+        return df[df["group"].isin(ctx["group"])]
+
+    by_lr = contexts(groups, keys, ("lr",), prefer)
+
+    def loss(i, ctx):
+        title = context_label(ctx.iloc[0], ("lr",), other)
+        return (f"Figure 1.{i}: training loss vs iteration (line: seed mean of binned step losses, or each seed "
+                f"where seeds ended differently; dots: epoch means, bars: range over seeds), one panel per learning "
+                f"rate; {title}.", fig_loss,
+                (ctx, only(steps_b, ctx), spe, only(ep, ctx), num_classes, f"Training loss, BN vs no BN: {title}",
+                 out_dir / f"fig1_loss_{i}_{slug(title)}.png"))
+
+    def sweep(kind, x_key, xlabel, base, number):
+        def make(i, ctx):
+            title = context_label(ctx.iloc[0], (x_key,), other)
+            return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
+                    f"mean ± std with per-seed dots; {title}.", fig_sweep,
+                    (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
+                     f"{xlabel.capitalize()} sweep: {title}", out_dir / f"fig{number}_{kind}_{i}_{slug(title)}.png"))
+        return make
+
+    def act(i, pair):
+        ctx, picked = pair
+        title = context_label(ctx.iloc[0], (), other)
+        return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
+                f"first (filled) vs last (line) probed epoch, dashed N(0,1) density; {title}.", activation_figure,
+                (picked, f"Activation distributions vs N(0,1): {title}",
+                 out_dir / f"fig4_activations_{i}_{slug(title)}.png"))
+
+    def gen(i, ctx):
+        title = context_label(ctx.iloc[0], ("lr",), other)
+        return (f"Figure 5.{i}: train (solid) vs test (dashed) accuracy per epoch, mean over seeds, one panel "
+                f"per learning rate; {title}.", fig_generalization,
+                (ctx, only(ep, ctx), num_classes, f"Train vs test accuracy: {title}",
+                 out_dir / f"fig5_generalization_{i}_{slug(title)}.png"))
+
+    add("loss", by_lr, loss)
+    add("lr", [c for c in by_lr if c["lr"].nunique() >= 2], sweep("lr", "lr", "learning rate", 10, 2))
+    by_bs = contexts(groups, keys, ("batch_size",), prefer)
+    add("batch", [c for c in by_bs if c["batch_size"].nunique() >= 2], sweep("batch", "batch_size", "batch size", 2, 3))
+    with_acts = [(c, pick_activation_runs(c, agg)) for c in contexts(groups, keys, (), prefer)]
+    add("activations", sorted([(c, p) for c, p in with_acts if p], key=lambda cp: -len(cp[1])), act)
+    # the generalisation claim is about AlexNet / CIFAR-100: those contexts first
+    add("generalization", sorted(by_lr, key=lambda c: not c["model.name"].astype(str).str.startswith("alexnet").any()),
+        gen)
+    paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
+    figs = [FigureInfo(kind, p, caption, data) for (kind, caption, _, _), p, data in zip(jobs, paths, data_of) if p]
+    return figs, skipped

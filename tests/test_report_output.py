@@ -1,0 +1,206 @@
+"""bnexp report, output side: report.md / report.html, CSV tables and PNG figures on fabricated runs."""
+import base64
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from runfactory import CHANCE_10, damage, fake_group, fake_run
+
+import bnexp
+from bnexp.errors import BnexpError
+from bnexp.report import write_report
+
+FIGURE_KINDS = ("fig1_loss", "fig2_lr", "fig3_batch", "fig4_activations", "fig5_generalization")
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """Runs for every figure kind, a split group, running/failed runs and one broken directory."""
+    root = tmp_path_factory.mktemp("rich")
+    for lr, on, off in ((0.1, 0.134, 0.306), (0.5, 0.099, None)):
+        fake_group(root, [on - 0.001, on, on + 0.001], lr=lr, bn="on", test_acc=0.90, steps_per_epoch=6)
+        offs = [off] * 3 if off else [CHANCE_10, 0.27, 0.27]
+        fake_group(root, offs, lr=lr, bn="off", test_acc=0.86, steps_per_epoch=6)
+    for bs in (64, 128):
+        for bn in ("on", "off"):
+            fake_run(root, lr=0.1, bn=bn, batch_size=bs, test_acc=0.9 if bn == "on" else 0.87, steps_per_epoch=6)
+    alex = {"model.name": "alexnet_cifar", "data.name": "cifar100", "optim.name": "adam"}
+    for bn in ("on", "off"):
+        fake_run(root, config=alex, lr=0.001, batch_size=256, epochs=6, bn=bn, train_loss=0.5, train_acc=0.9,
+                 test_acc=0.55 if bn == "on" else 0.4, steps_per_epoch=6)
+    fake_run(root, lr=0.2, seed=0, status="running", epochs_done=3)
+    fake_run(root, lr=0.2, seed=1, status="failed", epochs_done=1)
+    broken = damage(fake_run(root, lr=0.7), "bad_yaml")
+    result = write_report(root, fmt="both")
+    return root, result, broken
+
+
+def test_result_counts_paths_and_summary(rich):
+    root, r, broken = rich
+    assert r.out_dir == root / "report"
+    assert [p.name for p in r.reports] == ["report.md", "report.html"]
+    assert r.n_runs == 20 and r.n_by_status == {"completed": 18, "running": 1, "failed": 1}
+    assert r.n_skipped == 1 and any(str(broken) in w and "config.yaml" in w for w in r.warnings)
+    assert r.n_groups == 10
+    assert "20 runs" in r.summary and "wrote" in r.summary and all(p.is_file() for p in r.files)
+
+
+def test_every_figure_kind_is_a_readable_png(rich):
+    _, r, _ = rich
+    names = [p.name for p in r.figures]
+    for kind in FIGURE_KINDS:
+        assert any(n.startswith(kind) for n in names), (kind, names)
+    for p in r.figures:
+        img = mpimg.imread(p)
+        h, w = img.shape[:2]
+        assert 250 <= h <= 4000 and 500 <= w <= 6000, (p.name, img.shape)
+        rgb = img[..., :3]
+        ink = (rgb < 0.9).any(axis=-1).mean()          # share of non-white pixels
+        assert 0.02 < ink < 0.6 and rgb.std() > 0.05, (p.name, ink)
+        colored = (np.abs(rgb[..., 0] - rgb[..., 2]) > 0.3).mean()   # BN blue / no-BN orange present
+        assert colored > 0.001, p.name
+
+
+def test_markdown_report_content(rich):
+    root, r, _ = rich
+    md = (root / "report" / "report.md").read_text()
+    assert md.startswith("# bnexp report")
+    assert f"bnexp {bnexp.__version__}" in md and str(root) in md
+    assert "18 completed" in md and "1 running" in md and "1 failed" in md
+    for section in ("## Summary", "## Experiments", "## Reference comparison", "## Final metrics per group",
+                    "## BN vs no BN", "## Per-seed outcomes where seeds split", "## Figures",
+                    "## Runs not aggregated (running / failed)", "## Skipped or partial run directories"):
+        assert section in md, section
+    assert "dead in 1 of 3 seeds" in md
+    assert "within 0.02 of ln(number of classes)" in md and "max(0.03 absolute, 15% of the reference)" in md
+    assert "training accuracy is at most chance + 0.05" in md
+    assert "0.02 absolute" in md
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (root / "report" / link).is_file(), link
+    assert len(re.findall(r"!\[", md)) == len(r.figures)
+    # experiments without runs say which command produces them
+    assert "`bnexp sweep --preset article_5epoch`" in md
+
+
+def test_html_is_self_contained(rich):
+    root, r, _ = rich
+    html = (root / "report" / "report.html").read_text()
+    assert html.lstrip().startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == len(r.figures) > 0
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<link" not in html and "<script" not in html and "href=\"http" not in html
+    assert "<table" in html and "dead in 1 of 3 seeds" in html
+
+
+def test_csv_tables_hold_the_numbers(rich):
+    root, _, _ = rich
+    out = root / "report"
+    groups = pd.read_csv(out / "groups.csv")
+    g = groups[(groups["lr"] == 0.1) & (groups["bn"] == "on") & (groups["batch_size"] == 512)].iloc[0]
+    assert g["train_loss_mean"] == pytest.approx(0.134) and g["train_loss_std"] == pytest.approx(0.001)
+    assert g["train_loss_n"] == 3 and g["n_runs"] == 3
+    dead = groups[(groups["lr"] == 0.5) & (groups["bn"] == "off")].iloc[0]
+    assert dead["outcome"] == "dead in 1 of 3 seeds" and dead["n_dead"] == 1
+    pairs = pd.read_csv(out / "bn_vs_no_bn.csv")
+    p = pairs[(pairs["lr"] == 0.1) & (pairs["batch_size"] == 512)].iloc[0]
+    assert p["train_loss_delta"] == pytest.approx(0.134 - 0.306) and p["test_acc_delta"] == pytest.approx(0.04)
+    ref = pd.read_csv(out / "reference.csv")
+    row = ref[(ref["label"] == "lr=0.5, bn=on") & (ref["metric"] == "train_loss")].iloc[0]
+    assert row["verdict"] == "reproduced" and row["mean"] == pytest.approx(0.099)
+    assert ref.loc[(ref["label"] == "lr=0.5, bn=off") & (ref["metric"] == "train_loss"), "verdict"].iloc[0] \
+        == "partly reproduced: dead in 1 of 3 seeds"
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 20 and set(runs["status"]) == {"completed", "running", "failed"}
+    assert runs.loc[runs["status"] == "running", "group"].isna().all()
+
+
+def test_formats_where_filter_and_stale_outputs(rich, tmp_path):
+    root, _, _ = rich
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fig2_lr_9_old.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    r = write_report(root, out_dir=out, where=["lr=0.1", "batch_size=512", "model.name=lenet5"], fmt="html")
+    assert [p.name for p in r.reports] == ["report.html"] and not (out / "report.md").exists()
+    assert not (out / "fig2_lr_9_old.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert r.n_runs == 6 and r.n_groups == 2
+    html = (out / "report.html").read_text()
+    assert "--where lr=0.1 batch_size=512 model.name=lenet5" in html
+    names = [p.name for p in r.figures]
+    assert not any(n.startswith(("fig2_", "fig3_")) for n in names)      # one lr, one batch size
+    assert "bnexp sweep --preset lr_sensitivity" in html and "bnexp sweep --preset batch_size" in html
+    assert "bnexp sweep --preset generalization" in html       # LeNet figure 5 is not the CIFAR-100 claim
+
+
+def test_bad_format_is_rejected_before_reading(tmp_path):
+    with pytest.raises(BnexpError) as e:
+        write_report(tmp_path / "nowhere", fmt="pdf")
+    assert "unknown report format 'pdf'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_results_dir_is_an_error(tmp_path):
+    with pytest.raises(BnexpError, match="no runs in") as e:
+        write_report(tmp_path)
+    assert "bnexp train" in str(e.value) and not (tmp_path / "report").exists()
+
+
+def test_bad_where_is_an_error(rich):
+    root, _, _ = rich
+    with pytest.raises(BnexpError, match="malformed --where"):
+        write_report(root, where=["lr"])
+
+
+def test_malformed_runs_do_not_stop_the_report(tmp_path):
+    fake_group(tmp_path, [0.1, 0.12], steps_per_epoch=3, epochs=4)
+    damage(fake_run(tmp_path, seed=5, epochs=4), "garbage_steps")
+    damage(fake_run(tmp_path, seed=6, epochs=4), "bad_npz")
+    damage(fake_run(tmp_path, seed=7, epochs=4), "no_run_json")
+    (tmp_path / "runs" / "stray-file.txt").write_text("ignored")
+    r = write_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert r.n_runs == 4 and r.n_skipped == 1
+    assert "no run.json" in md and "steps.csv has non-numeric step values" in md
+    assert any(p.name.startswith("fig1_loss") for p in r.figures)
+
+
+@pytest.mark.slow
+def test_bench_runs_small_and_formats():
+    from bnexp.bench import report as bench
+    result = bench.run(n_runs=4, epochs=2, steps_per_epoch=3, act_samples=500)
+    assert result["n_runs"] == 4 and result["report_s"] > 0 and result["n_figures"] >= 1
+    table = bench.format_table(result)
+    assert "write_report md (s)" in table and "runs" in table
+
+
+def test_binned_steps_match_a_plain_groupby_and_skip_unaggregated_runs(tmp_path):
+    from bnexp.report.figures import STEP_POINTS, binned_steps
+    from bnexp.report.load import load_runs
+    a = fake_run(tmp_path, seed=0, steps_per_epoch=40, epochs=20)               # 800 steps -> bins of 3
+    b = fake_run(tmp_path, seed=1, steps_per_epoch=40, epochs=20, diverged_epoch=5)
+    c = fake_run(tmp_path, seed=2, status="running", epochs_done=3, steps_per_epoch=40)
+    steps = load_runs(tmp_path).steps
+    out, spe = binned_steps(steps, pd.Series({a.name: "G1", b.name: "G1"}))
+    assert set(out["run_id"]) == {a.name, b.name} and c.name not in set(out["run_id"])
+    assert spe == {"G1": 40.0}
+    for d in (a, b):
+        s = steps[steps["run_id"] == d.name]
+        width = 800 // STEP_POINTS + 1
+        ref = s.assign(bin=(s["step"] - 1) // width).groupby("bin")[["step", "loss"]].mean()
+        mine = out[out["run_id"] == d.name].set_index("bin")[["step", "loss"]]
+        assert np.allclose(ref.to_numpy(), mine.to_numpy(), equal_nan=True)
+    assert out.loc[out["run_id"] == b.name, "loss"].isna().any()     # the diverged tail stays NaN
+
+
+def test_only_running_and_failed_runs_still_give_a_report(tmp_path):
+    fake_run(tmp_path, seed=0, status="running", epochs_done=2, steps_per_epoch=3)
+    fake_run(tmp_path, seed=1, status="failed", epochs_done=0)
+    r = write_report(tmp_path, fmt="both")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert r.n_groups == 0 and r.figures == [] and "No figures: no aggregated runs." in md
+    assert "## Runs not aggregated (running / failed)" in md and "RuntimeError: fabricated failure" in md
+    assert "no matching runs" in md
