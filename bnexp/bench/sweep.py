@@ -1,0 +1,124 @@
+"""Sweep throughput: runs per minute of the same grid with --jobs 1 and with --jobs N.
+
+Each measurement is a whole `python -m bnexp sweep ... --jobs N` command into a fresh results
+directory (nothing skipped), timed by the wall clock: it includes starting Python and the worker
+processes, compiling, and loading the data in each, which is what a user waits for. The default
+grid is 8 small LeNet5 runs (BN on/off x 4 learning rates, 2048 training samples, 2 epochs);
+`preset=` measures a preset instead (e.g. lr_sensitivity on a GPU). One untimed run first fills
+the on-disk compile cache, so that every command finds it warm. Repeats rotate the job counts.
+
+    python -m bnexp.bench.sweep --device cpu --jobs 1 2
+    python -m bnexp.bench.sweep --device cuda --jobs 1 2 4 --preset lr_sensitivity
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import config as C
+from .. import launch as L
+from .. import sweep as S
+from ..errors import BnexpError
+from ..nn import functional as bn_functional
+
+GRID = ["bn=on,off", "lr=0.01,0.05,0.1,0.5"]  # 8 LeNet5 runs on FashionMNIST (plain SGD)
+SMALL = [*GRID, "batch_size=64", "train_size=2048", "test_size=1024", "epochs=2"]  # 32 steps per epoch
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _sweep(overrides: list[str], preset: str | None, jobs: int) -> tuple[float, int]:
+    """One whole `bnexp sweep` command into a temporary results dir; (wall seconds, number of runs)."""
+    tmp = tempfile.mkdtemp(prefix="bnexp-bench-sweep-")
+    cmd = [sys.executable, "-m", "bnexp", "sweep", *overrides, f"results_dir={tmp}", "--jobs", str(jobs),
+           *(["--preset", preset] if preset else [])]
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        statuses = [json.loads(p.read_text())["status"] for p in Path(tmp).glob("runs/*/run.json")]
+        if proc.returncode != 0 or not statuses or set(statuses) - {"completed", "diverged"}:
+            last = (proc.stderr.strip() or proc.stdout.strip() or "?").splitlines()[-1]
+            raise BnexpError(f"sweep benchmark: `{' '.join(cmd)}` exited {proc.returncode}: {last}")
+        return seconds, len(statuses)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _warm_up(overrides: list[str], preset: str | None) -> None:
+    """Train the grid's first run for one epoch, untimed: fills compile and page caches."""
+    tmp = tempfile.mkdtemp(prefix="bnexp-bench-sweep-")
+    try:
+        first = S.plan(overrides + [f"results_dir={tmp}"], preset=preset, quiet=True).points[0]
+        r = L.run_point(C.compose(first.overrides + ["epochs=1", "progress=false"]))
+        if r.status == "failed":
+            raise BnexpError(f"sweep benchmark: {r.message}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(), repeats: int = 1) -> dict:
+    """Time the grid (or the preset) at each job count; return a JSON-serialisable result dict."""
+    base = [f"device={device}", *(SMALL if preset is None else ()), *overrides]
+    base = list({o.split("=", 1)[0]: o for o in base}.values())  # a later key=value replaces an earlier one
+    _warm_up(base, preset)
+    seconds: dict[int, list[float]] = {j: [] for j in jobs}
+    n_runs = 0
+    for r in range(repeats):
+        for j in list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]:
+            s, n_runs = _sweep(base, preset, j)
+            seconds[j].append(s)
+    rows = [{"jobs": j, "seconds": statistics.median(v), "runs_per_min": 60 * n_runs / statistics.median(v),
+             "samples": v} for j, v in seconds.items()]
+    for row in rows:
+        row["ratio"] = row["runs_per_min"] / rows[0]["runs_per_min"]
+    return {"benchmark": "sweep throughput (runs per minute)", "device": device, "device_name": _device_name(device),
+            "torch_version": torch.__version__, "backend": bn_functional.get_backend(), "cpu_cores": os.cpu_count(),
+            "preset": preset, "overrides": base, "runs": n_runs, "repeats": repeats, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    header = ["jobs", "seconds", "runs/min", f"vs jobs={result['rows'][0]['jobs']}"]
+    lines = [[str(r["jobs"]), f"{r['seconds']:.1f}", f"{r['runs_per_min']:.2f}", f"{r['ratio']:.2f}x"]
+             for r in result["rows"]]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
+    what = f"preset {result['preset']} " if result["preset"] else ""
+    title = (f"{result['benchmark']} on {result['device']} ({result['device_name']}), torch {result['torch_version']}, "
+             f"BN backend {result['backend']}; {result['runs']} runs: {what}{' '.join(result['overrides'])}; "
+             f"median of {result['repeats']}")
+    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="job counts to compare (default: 1 2)")
+    ap.add_argument("--preset", default=None, help="measure a preset instead of the small grid")
+    ap.add_argument("--repeats", type=int, default=1, help="sweeps per job count (default: 1)")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
+    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides (e.g. train_size=60000)")
+    a = ap.parse_args()
+    result = run(a.device, tuple(a.jobs), a.preset, a.overrides, repeats=a.repeats)
+    print(format_table(result))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
