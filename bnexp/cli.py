@@ -85,6 +85,70 @@ def train(
         raise typer.Exit(1)
 
 
+class Launcher(str, Enum):
+    local = "local"
+    joblib = "joblib"
+    submitit = "submitit"
+
+
+SWEEP_EPILOG = """\b
+Examples:
+  bnexp sweep                                    # the default grid (bnexp sweep --list-presets)
+  bnexp sweep --preset lr_sensitivity seed=0,1,2 --jobs 2
+  bnexp sweep lr=0.01,0.05,0.1,0.3,0.5 batch_size=512 seed=range(0,3) --jobs 4
+  bnexp sweep --preset convergence epochs=5 train_size=5000 device=cpu --dry-run
+  bnexp sweep --preset generalization --launcher submitit \\
+      --launcher-opt slurm_partition=gpu --launcher-opt gpus_per_node=1 --launcher-opt timeout_min=240
+\b
+Sweeps use Hydra's override grammar: key=a,b,c  key=range(start,stop[,step])  key=choice(a,b).
+Without --preset the `default` preset applies; a KEY=VALUE here replaces the preset's entry for KEY.
+Each run is the run `bnexp train` makes for its config: finished runs are skipped, interrupted
+ones resume, failed ones are retried. Exit code 1 if a run failed, 2 for bad input.
+
+"""
+
+
+@app.command(epilog=SWEEP_EPILOG + _config_keys_help())
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE[,VALUE]]...",
+                                                    help="Hydra overrides and sweeps on conf/config.yaml."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A grid from conf/experiment/ "
+                                         "(default: default; see --list-presets)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once (default: 1 for local, "
+                                       "the CPU cores for joblib, all for submitit)."),
+    launcher: Launcher = typer.Option(Launcher.local, "--launcher", help="local processes | joblib (loky) | "
+                                      "submitit (SLURM if present, else local processes)."),
+    launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", metavar="KEY=VALUE",
+                                                     help="Launcher parameter, repeatable: submitit's "
+                                                     "update_parameters (cluster=local|slurm, slurm_partition=..., "
+                                                     "gpus_per_node=1, timeout_min=...) or joblib.Parallel's."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit."),
+):
+    """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
+    from . import launch as L, sweep as S
+
+    if list_presets:
+        typer.echo(S.format_presets())
+        return
+    options = L.parse_options(launcher_opt)
+    parallel = (jobs or 1) > 1 or launcher != Launcher.local
+    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
+    typer.echo(S.describe(plan))
+    if dry_run:
+        for p in plan.points:
+            typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
+        return
+
+    def progress(r, done, total):
+        typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
+
+    result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress)
+    typer.echo(S.format_summary(result))
+    if result.counts["failed"]:
+        raise typer.Exit(1)
+
+
 def summary_line(r) -> str:
     """One line per run: status, final metrics, time, where it lives."""
     f = r.final or {}
@@ -101,6 +165,30 @@ def summary_line(r) -> str:
         extra = f" (resumed after epoch {r.extra['resumed_from']})"
     time = f" {r.seconds:.1f}s" if r.seconds else ""
     return f"{r.status} {r.run_id}: {metrics}{time}{extra} -> {r.path}".replace(":  ", ": ")
+
+
+class ReportFormat(str, Enum):
+    md = "md"
+    html = "html"
+    both = "both"
+
+
+@app.command(epilog="\b\nExamples:\n  bnexp report\n  bnexp report --format html --where model.name=lenet5"
+                    "\n  bnexp report --results-dir /shared/bnexp-results --out /tmp/report --where bn=on")
+def report(
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="Results root (default: results)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RESULTS_DIR/report)."),
+    where: Optional[List[str]] = typer.Option(None, "--where", metavar="KEY=VALUE",
+                                              help="Only runs whose config matches, repeatable (e.g. lr=0.5)."),
+    fmt: ReportFormat = typer.Option(ReportFormat.md, "--format", help="md | html | both (default: md)."),
+):
+    """Tables, figures and the comparison with the published numbers, from every run on disk."""
+    from .report import write_report
+
+    result = write_report(results_dir, out, list(where or []), fmt.value)
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(result.summary)
 
 
 class BenchName(str, Enum):
@@ -147,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
+    if code == 130:  # Typer turns Ctrl-C into exit code 130 itself
+        print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 if __name__ == "__main__":

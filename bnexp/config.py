@@ -24,7 +24,8 @@ CONF_DIR = Path(__file__).parent / "conf"
 ALIASES = {"optimizer": "optim"}
 
 # Keys that say where or how a run executes, not what is trained: excluded from the run id.
-NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "probe_every")
+# probe_every stays in the identity: it changes which activation histograms a run holds.
+NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

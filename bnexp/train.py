@@ -12,7 +12,7 @@ import math
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,12 +77,24 @@ class Setup:
     optimizer: torch.optim.Optimizer
 
 
+def _subset(split: data.Split, size: int | None, key: str, what: str) -> data.Split:
+    """The first `size` samples (the data stay where they are: slicing is a view)."""
+    if size is None:
+        return split
+    if size > len(split):
+        raise BnexpError(f"{key}={size} exceeds the {len(split)} {what} samples of this data set; "
+                         f"lower {key} or leave it unset")
+    return replace(split, x=split.x[:size], y=split.y[:size])
+
+
 def prepare(cfg) -> Setup:
     """Everything that can fail on bad input, before any training step: device, data, model."""
     device = resolve_device(cfg.device)
     root = data.resolve_data_dir(cfg.data_dir)
-    train = data.load_split(cfg.data.name, root, True, cfg.train_size, device, verify=cfg.data.verify)
-    test = data.load_split(cfg.data.name, root, False, cfg.test_size, device, verify=cfg.data.verify)
+    train = _subset(data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify),
+                    cfg.train_size, "train_size", "training")
+    test = _subset(data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify),
+                   cfg.test_size, "test_size", "test")
     if cfg.batch_size > len(train):
         raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train)} samples); "
                          f"lower batch_size or raise train_size")
@@ -212,18 +224,24 @@ def run(cfg, force: bool = False) -> RunResult:
     check_writable(results_dir)
     rd = RunDir(results_dir, C.run_id(cfg))
     if not force and rd.status() in FINISHED:
-        info = rd.read_info()
-        return RunResult(rd.run_id, rd.path, "skipped", info.get("final"), message=f"already {info['status']}",
-                         epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
+        return _skipped(rd)
     s = prepare(cfg)  # bad input fails here, before the run directory is touched
     if not rd.acquire():
         return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
     try:
+        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
+            return _skipped(rd)
         if force:
             rd.clear()
         return _train(cfg, rd, s)
     finally:
         rd.release()
+
+
+def _skipped(rd: RunDir) -> RunResult:
+    info = rd.read_info()
+    return RunResult(rd.run_id, rd.path, "skipped", info.get("final"), message=f"already {info['status']}",
+                     epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
 
 
 def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
@@ -238,7 +256,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
     probe_x = data.to_input(s.test.x[:PROBE_BATCH], s.model.input_size)
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
-    steps_per_epoch = len(data.batch_indices(len(s.train), cfg.batch_size, None, cfg.drop_last, "cpu"))
+    steps_per_epoch = len(data.batch_indices(len(s.train), cfg.batch_size, torch.Generator(), cfg.drop_last))
     bar = _progress_bar(cfg, cfg.epochs * steps_per_epoch, step0)
     t_start = time.perf_counter() - state["elapsed"]
     status = "running"
