@@ -1,0 +1,116 @@
+"""Benchmark: one LeNet5-BN FashionMNIST training epoch, bnexp vs plain PyTorch, in one process.
+
+Three pipelines train the same model on the same 60k images at batch 256:
+  bnexp      `bnexp.train.train_epoch` (in-repo BN, tensor-resident data, the loop `bnexp train` runs)
+  hand       a hand-written tensor-resident loop with torch.nn.BatchNorm2d (the fair baseline)
+  dataloader the usual script: torchvision dataset + ToTensor + DataLoader, torch.nn.BatchNorm2d
+Epochs of the pipelines are interleaved, so machine noise hits them alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import config, data, models, train
+
+
+def _hand_setup(device, num_classes=10):
+    torch.manual_seed(0)
+    model = models.build_model("lenet5", "torch", num_classes, 1, 28).to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def hand_epoch(model, opt, x_u8, y, batch_size, seed):
+    """What a careful user writes: index a resident uint8 tensor, scale on the fly."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=gen).to(x_u8.device)
+    model.train()
+    for i in range(0, len(y), batch_size):
+        idx = perm[i:i + batch_size]
+        loss = F.cross_entropy(model(x_u8[idx].float().div_(255)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def dataloader_epoch(model, opt, loader, device):
+    """The usual script: PIL images through ToTensor and a DataLoader, copied to the device."""
+    model.train()
+    for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run(device: str = "cpu", batch_size: int = 256, repeats: int = 3, dataloader: bool = True,
+        data_dir: str | None = None) -> dict:
+    dev = torch.device(device)
+    cfg = config.compose([f"batch_size={batch_size}", f"device={device}", "progress=false", "lr=0.1"]
+                         + ([f"data_dir={data_dir}"] if data_dir else []))
+    s = train.prepare(cfg)  # bnexp's own setup: data resident on the device, in-repo BN
+    hand_model, hand_opt = _hand_setup(dev)
+    x_u8, y = s.train.x, s.train.y
+    fns = {
+        "bnexp": lambda e: train.train_epoch(s, cfg, e),
+        "hand": lambda e: hand_epoch(hand_model, hand_opt, x_u8, y, batch_size, e),
+    }
+    if dataloader:
+        import torchvision
+        from torchvision.transforms import ToTensor
+
+        ds = torchvision.datasets.FashionMNIST(str(data.resolve_data_dir(cfg.data_dir)), train=True,
+                                               transform=ToTensor())
+        workers = min(4, os.cpu_count() or 1)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                             pin_memory=dev.type == "cuda", persistent_workers=True)
+        dl_model, dl_opt = _hand_setup(dev)
+        fns["dataloader"] = lambda e: dataloader_epoch(dl_model, dl_opt, loader, dev)
+    # Warm-up: compilation, cuDNN autotuning, worker start-up; not timed.
+    for fn in fns.values():
+        fn(0)
+    times = {k: [] for k in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if name == "dataloader" and r > 0 and dev.type == "cpu":
+                continue  # one DataLoader epoch on a CPU is enough to know it is slow
+            times[name].append(_timed(lambda: fn(r + 1), dev))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {
+        "benchmark": "epoch", "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "model": "lenet5-bn",
+        "images": len(y), "batch_size": batch_size, "repeats": repeats,
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "ratio_bnexp_vs_hand": round(med["bnexp"] / med["hand"], 3),
+        **({"speedup_vs_dataloader": round(med["dataloader"] / med["bnexp"], 2)} if dataloader else {}),
+    }
+
+
+def format_table(r: dict) -> str:
+    lines = [f"epoch benchmark: LeNet5-BN, {r['images']} images, batch {r['batch_size']}, "
+             f"{r['device_name']} ({r['device']}), torch {r['torch']}, median of {r['repeats']}",
+             f"{'pipeline':<12}{'s/epoch':>10}{'vs bnexp':>10}"]
+    base = r["seconds"]["bnexp"]
+    for name, sec in r["seconds"].items():
+        lines.append(f"{name:<12}{sec:>10.3f}{sec / base:>9.2f}x")
+    lines.append(f"bnexp / hand-written loop = {r['ratio_bnexp_vs_hand']:.3f} (target <= 1.25)")
+    return "\n".join(lines)

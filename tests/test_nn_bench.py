@@ -1,0 +1,30 @@
+"""The BN benchmark runs, returns JSON-serialisable results and prints a table (tiny shapes, eager)."""
+
+import json
+
+import torch
+
+from bnexp.bench import bn, time_interleaved, time_samples
+from bnexp.nn import functional as bnF
+
+
+def test_time_interleaved_runs_every_function_in_rotating_order():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = time_interleaved(fns, repeats=3, warmup=1)
+    assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert [len(s) for s in time_samples(fns, repeats=4, warmup=0).values()] == [4, 4, 4]
+
+
+def test_bn_benchmark_result_and_table():
+    with bnF.use_backend("eager"):  # compiling is not what this test is about
+        result = bn.run(shapes=((4, 3, 5, 5), (6, 2, 3, 3)), repeats=3, warmup=1)
+    json.dumps(result)
+    assert result["backend"] == "eager" and result["torch_version"] == torch.__version__
+    assert [row["shape"] for row in result["rows"]] == [[4, 3, 5, 5], [6, 2, 3, 3]]
+    for row in result["rows"]:
+        assert row["bnexp_ms"] > 0 and row["torch_ms"] > 0 and row["bnexp_first_call_ms"] > 0
+        assert abs(row["ratio"] - row["bnexp_ms"] / row["torch_ms"]) < 1e-12
+    table = bn.format_table(result)
+    assert "(4, 3, 5, 5)" in table and "ratio" in table and f"{result['rows'][0]['ratio']:.2f}x" in table
