@@ -83,7 +83,18 @@ class LeNet5(NormModel):
         return self.fc3(self.fc2(self.fc1(x)))
 
 
-class AlexNet(NormModel):
+class _AlexNetLayout(NormModel):
+    """The forward shared by both AlexNets: conv1-pool, conv2-pool, conv3-5-pool, fc1-fc3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.conv1(x))
+        x = self.pool2(self.conv2(x))
+        x = self.pool5(self.conv5(self.conv4(self.conv3(x))))
+        x = torch.flatten(x, 1)
+        return self.fc3(self.fc2(self.fc1(x)))
+
+
+class AlexNet(_AlexNetLayout):
     """d2l's AlexNet for 224x224 inputs: convs 96@11 s4, 256@5, 384@3, 384@3, 256@3 with three
     3x3/2 max-pools, then FC 6400-4096-4096-num_classes; norm after all 5 convs and both hidden FCs.
 
@@ -107,15 +118,8 @@ class AlexNet(NormModel):
         self.fc2 = fc_block(4096, 4096, norm, norm_kwargs, dropout=p)
         self.fc3 = nn.Linear(4096, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(self.conv1(x))
-        x = self.pool2(self.conv2(x))
-        x = self.pool5(self.conv5(self.conv4(self.conv3(x))))
-        x = torch.flatten(x, 1)
-        return self.fc3(self.fc2(self.fc1(x)))
 
-
-class AlexNetCifar(NormModel):
+class AlexNetCifar(_AlexNetLayout):
     """AlexNet's shape scaled to 32x32 inputs: 3x3 convs 32, 96, 192, 128, 128 (padding 1) with
     overlapping 3x3/2 max-pools after conv1, conv2 and conv5 (32 -> 16 -> 8 -> 4), then
     FC 2048-512-512-num_classes; norm placement and dropout rule as in AlexNet.
@@ -141,13 +145,6 @@ class AlexNetCifar(NormModel):
         self.fc1 = fc_block(128 * 4 * 4, 512, norm, norm_kwargs, dropout=p)
         self.fc2 = fc_block(512, 512, norm, norm_kwargs, dropout=p)
         self.fc3 = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(self.conv1(x))
-        x = self.pool2(self.conv2(x))
-        x = self.pool5(self.conv5(self.conv4(self.conv3(x))))
-        x = torch.flatten(x, 1)
-        return self.fc3(self.fc2(self.fc1(x)))
 
 
 MODELS: dict[str, type[NormModel]] = {
