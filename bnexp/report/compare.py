@@ -27,7 +27,7 @@ def tolerance_text(refdata: ReferenceData) -> list[str]:
         f"loss: |ours - reference| <= max({lo['abs']:g} absolute, {lo['rel']:.0%} of the reference), "
         f"or <= {lo['std_factor']:g} std of our seeds (n >= 2)",
         f"accuracy: |ours - reference| <= {acc['abs']:g} absolute, or <= {acc['std_factor']:g} std (n >= 2)",
-        f"dead (chance-level) references compare by outcome: " + dead_text(dead),
+        "dead (chance-level) references compare by outcome: " + dead_text(dead),
         "a reference given as several printed values is matched against their [min, max] range",
     ]
 
