@@ -3,7 +3,7 @@
 Each measurement is a whole `python -m bnexp sweep ... --jobs N` command into a fresh results
 directory (nothing skipped), timed by the wall clock: it includes starting Python and the worker
 processes, compiling, and loading the data in each, which is what a user waits for. The default
-grid is 8 small LeNet5 runs (BN on/off x 4 learning rates, 2048 training samples, 2 epochs);
+grid is 8 small LeNet5 runs (BN on/off x 4 learning rates, 8192 training samples, 2 epochs);
 `preset=` measures a preset instead (e.g. lr_sensitivity on a GPU). One untimed run first fills
 the on-disk compile cache, so that every command finds it warm. Repeats rotate the job counts.
 
@@ -32,7 +32,7 @@ from ..errors import BnexpError
 from ..nn import functional as bn_functional
 
 GRID = ["bn=on,off", "lr=0.01,0.05,0.1,0.5"]  # 8 LeNet5 runs on FashionMNIST (plain SGD)
-SMALL = [*GRID, "batch_size=64", "train_size=2048", "test_size=1024", "epochs=2"]  # 32 steps per epoch
+SMALL = [*GRID, "batch_size=64", "train_size=8192", "test_size=2048", "epochs=2"]  # 128 steps per epoch
 
 
 def _device_name(device: str) -> str:
