@@ -121,7 +121,7 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     batches = data.batch_indices(len(s.train), cfg.batch_size, gen, cfg.drop_last, s.device)
     size = s.model.input_size
     losses = torch.empty(len(batches), device=s.device)
-    correct = torch.zeros((), dtype=torch.long, device=s.device)
+    step_correct = torch.empty(len(batches), dtype=torch.long, device=s.device)
     seen = 0
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
@@ -136,7 +136,7 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
         loss.backward()
         s.optimizer.step()
         losses[i] = loss.detach()
-        correct += (out.argmax(1) == yb).sum()
+        step_correct[i] = (out.argmax(1) == yb).sum()
         seen += len(idx)
         if (i + 1) % check_every == 0 or i + 1 == len(batches):
             value = loss.item()
@@ -149,8 +149,10 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     _sync(s.device)
     seconds = time.perf_counter() - t0
     sizes = torch.tensor([len(b) for b in batches[: len(losses)]], device=s.device, dtype=losses.dtype)
-    return {"losses": losses.cpu(), "train_loss": float((losses * sizes).sum() / sizes.sum()),
-            "train_acc": correct.item() / max(seen, 1), "seconds": seconds}
+    step_correct = step_correct[: len(losses)]
+    return {"losses": losses.cpu(), "step_acc": (step_correct / sizes).cpu(),
+            "train_loss": float((losses * sizes).sum() / sizes.sum()),
+            "train_acc": step_correct.sum().item() / max(seen, 1), "seconds": seconds}
 
 
 @torch.no_grad()
@@ -266,8 +268,9 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
         for epoch in range(resumed + 1, cfg.epochs + 1):
             ep = train_epoch(s, cfg, epoch, bar)
             step_losses = ep["losses"].tolist()
-            for j, v in enumerate(step_losses, start=step0 + 1):
-                tb.scalars({"train/loss_step": v}, j)
+            lr = s.optimizer.param_groups[0]["lr"]
+            for j, (v, a) in enumerate(zip(step_losses, ep["step_acc"].tolist()), start=step0 + 1):
+                tb.scalars({"train/loss_step": v, "train/acc_step": a, "train/lr_step": lr}, j)
             state["losses"] += step_losses
             state["steps_per_epoch"].append(len(step_losses))
             step0 += len(step_losses)

@@ -80,8 +80,11 @@ def test_tensorboard_has_scalars_histograms_and_hparams(capsys, fm_args, tmp_pat
     run = only_run(tmp_path / "results")
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0}).Reload()
     tags = acc.Tags()
-    assert {"train/loss_step", "epoch/train_loss", "epoch/test_acc", "epoch/lr"} <= set(tags["scalars"])
-    assert len(acc.Scalars("train/loss_step")) == 16
+    assert {"train/loss_step", "train/acc_step", "train/lr_step", "epoch/train_loss", "epoch/test_acc",
+            "epoch/lr"} <= set(tags["scalars"])
+    assert len(acc.Scalars("train/loss_step")) == len(acc.Scalars("train/acc_step")) == 16
+    assert all(e.value == pytest.approx(0.1) for e in acc.Scalars("train/lr_step"))
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("train/acc_step"))
     assert "activations/fc1.norm/output" in tags["histograms"]
     hp = EventAccumulator(str(run / "hparams")).Reload()
     assert "hparam/test_acc" in hp.Tags()["scalars"]
