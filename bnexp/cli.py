@@ -79,7 +79,15 @@ def train(
 
     args = list(overrides or []) + ([f"bn={bn.value}"] if bn else [])
     cfg = config.compose(args)
-    result = T.run(cfg, force=force)
+    try:
+        result = T.run(cfg, force=force)
+    except BnexpError:
+        raise
+    except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
+        log = Path(cfg.results_dir) / "runs" / config.run_id(cfg) / "error.log"
+        where = f"; traceback in {log}" if log.exists() else ""
+        typer.echo(f"failed {config.run_id(cfg)}: {type(e).__name__}: {e}{where}", err=True)
+        raise typer.Exit(1)
     typer.echo(summary_line(result))
     if result.status in ("failed", "busy"):
         raise typer.Exit(1)

@@ -121,6 +121,21 @@ def test_diverged_run_is_a_result(capsys, fm_args, tmp_path):
     assert info["status"] == "diverged" and info["diverged_at"]["epoch"] == 1 and info["final"] is None
 
 
+def test_crash_mid_training_is_recorded_as_failed(capsys, fm_args, tmp_path, monkeypatch):
+    from bnexp import train as T
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(T, "train_epoch", boom)
+    code, out, err = bnexp(capsys, "train", *fm_args)
+    run = only_run(tmp_path / "results")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"failed {run.name}: RuntimeError: simulated crash; traceback in ")
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert "simulated crash" in (run / "error.log").read_text()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     data_dir = tmp_path / "data"
