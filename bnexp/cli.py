@@ -5,6 +5,7 @@ Every user mistake (BnexpError, a bad option) becomes one line on stderr and exi
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from enum import Enum
@@ -232,6 +233,9 @@ def bench(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, mapping user errors to one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
+    # Inductor imports torch.utils.cpp_extension, which warns on every CPU-only machine that has a
+    # CUDA toolkit installed; that line is noise for a bnexp user, not something to act on.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         code = app(args=argv or ["--help"], prog_name="bnexp", standalone_mode=False)
     except BnexpError as e:
