@@ -143,6 +143,7 @@ def sweep(
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
     plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
+    S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if dry_run:
         for p in plan.points:

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as C
+from . import data
 from . import launch as L
+from . import train as T
 from .errors import BnexpError
 
 PRESET_DIR = C.CONF_DIR / "experiment"
@@ -163,6 +165,24 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
         seen.add((cfg.results_dir, run_id))
         points.append(Point(point, cfg, run_id))
     return Plan(p.name, axes, fixed, points, merged)
+
+
+def check_inputs(pl: Plan) -> None:
+    """What `bnexp train` would reject at start-up (device, data, sizes), for every point, before any run."""
+    data_sizes: dict[tuple, tuple[int, int]] = {}  # each data source is read once for the whole grid
+    for i, p in enumerate(pl.points, start=1):
+        cfg = p.cfg
+        try:
+            T.resolve_device(cfg.device)
+            key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
+            if key not in data_sizes:
+                root = data.resolve_data_dir(cfg.data_dir)
+                data_sizes[key] = tuple(len(data.load_split(cfg.data.name, root, is_train, None, "cpu",
+                                                            verify=cfg.data.verify)) for is_train in (True, False))
+            T.check_sizes(cfg, *data_sizes[key])
+        except BnexpError as e:
+            where = " ".join(o for o in p.overrides if o.split("=", 1)[0] in pl.axes) or p.run_id
+            raise BnexpError(f"{e} (grid point {i} of {len(pl.points)}: {where})") from None
 
 
 def describe(pl: Plan) -> str:

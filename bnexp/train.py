@@ -77,27 +77,34 @@ class Setup:
     optimizer: torch.optim.Optimizer
 
 
-def _subset(split: data.Split, size: int | None, key: str, what: str) -> data.Split:
-    """The first `size` samples (the data stay where they are: slicing is a view)."""
-    if size is None:
-        return split
-    if size > len(split):
-        raise BnexpError(f"{key}={size} exceeds the {len(split)} {what} samples of this data set; "
-                         f"lower {key} or leave it unset")
-    return replace(split, x=split.x[:size], y=split.y[:size])
+def check_sizes(cfg, n_train: int, n_test: int) -> None:
+    """train_size / test_size within the data, and a batch that fits the training set."""
+    for key, size, n, what in (("train_size", cfg.train_size, n_train, "training"),
+                               ("test_size", cfg.test_size, n_test, "test")):
+        if size is not None and size > n:
+            raise BnexpError(f"{key}={size} exceeds the {n} {what} samples of this data set; "
+                             f"lower {key} or leave it unset")
+    n = cfg.train_size or n_train
+    if cfg.batch_size > n:
+        raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples); "
+                         f"lower batch_size or raise train_size")
+
+
+def load_data(cfg, device) -> tuple[data.Split, data.Split]:
+    """The training and test splits on `device`, cut to train_size / test_size (slices are views)."""
+    root = data.resolve_data_dir(cfg.data_dir)
+    train = data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify)
+    test = data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify)
+    check_sizes(cfg, len(train), len(test))
+    train = replace(train, x=train.x[:cfg.train_size], y=train.y[:cfg.train_size])  # [:None] keeps all
+    test = replace(test, x=test.x[:cfg.test_size], y=test.y[:cfg.test_size])
+    return train, test
 
 
 def prepare(cfg) -> Setup:
     """Everything that can fail on bad input, before any training step: device, data, model."""
     device = resolve_device(cfg.device)
-    root = data.resolve_data_dir(cfg.data_dir)
-    train = _subset(data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify),
-                    cfg.train_size, "train_size", "training")
-    test = _subset(data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify),
-                   cfg.test_size, "test_size", "test")
-    if cfg.batch_size > len(train):
-        raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train)} samples); "
-                         f"lower batch_size or raise train_size")
+    train, test = load_data(cfg, device)
     torch.manual_seed(cfg.seed)  # model init
     norm_kwargs = {} if cfg.norm.kind == "none" else {"eps": cfg.norm.eps, "momentum": cfg.norm.momentum}
     if cfg.norm.kind == "bn":

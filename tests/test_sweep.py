@@ -259,3 +259,19 @@ def test_run_finished_by_another_process_while_preparing_is_not_retrained(base, 
     monkeypatch.setattr(T, "prepare", prepare)
     r = T.run(cfg)
     assert r.status == "skipped" and r.message == "already completed"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data_dir=/nonexistent/bnexp-data", "FashionMNIST not found"),
+    ("batch_size=64,100000", "batch_size=100000 is larger than the training set (512 samples)"),
+    ("train_size=100000", "train_size=100000 exceeds the 512 training samples"),
+])
+def test_data_problems_stop_the_sweep_before_any_run(synth_data_dir, tmp_path, capsys, override, message):
+    from bnexp.cli import main
+
+    args = ["sweep", "lr=0.1,0.5", "epochs=1", f"data_dir={synth_data_dir}", f"results_dir={tmp_path}", override]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert "(grid point " in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
