@@ -85,9 +85,12 @@ def train(
     except BnexpError:
         raise
     except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
-        log = Path(cfg.results_dir) / "runs" / config.run_id(cfg) / "error.log"
+        from .tracking import RunDir
+
+        rd = RunDir(Path(cfg.results_dir), config.run_id(cfg))
+        log = rd.path / "error.log"
         where = f"; traceback in {log}" if log.exists() else ""
-        typer.echo(f"failed {config.run_id(cfg)}: {type(e).__name__}: {e}{where}", err=True)
+        typer.echo(f"failed {rd.run_id}: {type(e).__name__}: {e}{where}", err=True)
         raise typer.Exit(1)
     typer.echo(summary_line(result))
     if result.status in ("failed", "busy"):

@@ -129,7 +129,6 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     size = s.model.input_size
     losses = torch.empty(len(batches), device=s.device)
     step_correct = torch.empty(len(batches), dtype=torch.long, device=s.device)
-    seen = 0
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
     s.model.train()
@@ -144,7 +143,6 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
         s.optimizer.step()
         losses[i] = loss.detach()
         step_correct[i] = (out.argmax(1) == yb).sum()
-        seen += len(idx)
         if (i + 1) % check_every == 0 or i + 1 == len(batches):
             value = loss.item()
             if bar is not None:
@@ -159,7 +157,7 @@ def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     step_correct = step_correct[: len(losses)]
     return {"losses": losses.cpu(), "step_acc": (step_correct / sizes).cpu(),
             "train_loss": float((losses * sizes).sum() / sizes.sum()),
-            "train_acc": step_correct.sum().item() / max(seen, 1), "seconds": seconds}
+            "train_acc": step_correct.sum().item() / sizes.sum().item(), "seconds": seconds}
 
 
 @torch.no_grad()
