@@ -25,7 +25,12 @@ ALIASES = {"optimizer": "optim"}
 
 # Keys that say where or how a run executes, not what is trained: excluded from the run id.
 # probe_every stays in the identity: it changes which activation histograms a run holds.
-NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress")
+# channels_last and cuda_graphs change kernels, not the computation (like device): same numbers
+# up to floating-point reassociation. precision does change the numbers; see `identity`.
+NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_last", "cuda_graphs")
+# Keys added after run ids were first published: at these values they are left out of the hash,
+# so runs made before the key existed keep their ids.
+HASH_DEFAULTS = {"precision": "fp32"}
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -54,6 +59,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop_last": (lambda v: isinstance(v, bool), "true or false"),
     "probe_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "cuda_graphs": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "model.name": (lambda v: isinstance(v, str), "a model name"),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
     "data.name": (lambda v: isinstance(v, str), "a data set name"),
@@ -99,7 +107,9 @@ def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
         v = flat.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
             flat[key] = float(v)
-    for key in ("drop_last", "progress", "data.verify", "norm.biased_running_var"):
+    if isinstance(flat.get("cuda_graphs"), bool):  # YAML reads on/off as booleans
+        flat["cuda_graphs"] = "on" if flat["cuda_graphs"] else "off"
+    for key in ("drop_last", "progress", "channels_last", "data.verify", "norm.biased_running_var"):
         v = flat.get(key)
         if isinstance(v, str) and v.lower() in BOOL_WORDS:
             flat[key] = BOOL_WORDS[v.lower()]
@@ -204,6 +214,9 @@ def identity(cfg: DictConfig) -> dict:
     d = OmegaConf.to_container(cfg)
     for key in NON_IDENTITY_KEYS:
         d.pop(key, None)
+    for key, default in HASH_DEFAULTS.items():
+        if d.get(key) == default:
+            d.pop(key)
     if d["norm"]["kind"] == "none":  # no norm layers: their settings cannot change the numbers
         d["norm"] = {"kind": "none"}
     return d
@@ -217,5 +230,6 @@ def config_hash(cfg: DictConfig) -> str:
 def run_id(cfg: DictConfig) -> str:
     """Readable prefix + hash of the identity, e.g. lenet5-fashion_mnist-bn-sgd-lr0.5-bs512-e20-s0-3f9c2a1b0d."""
     prefix = (f"{cfg.model.name}-{cfg.data.name}-{cfg.norm.kind}-{cfg.optim.name}"
-              f"-lr{cfg.lr:g}-bs{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}")
+              f"-lr{cfg.lr:g}-bs{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}"
+              + ("" if cfg.precision == "fp32" else f"-{cfg.precision}"))
     return f"{prefix}-{config_hash(cfg)}"

@@ -173,7 +173,7 @@ def check_inputs(pl: Plan) -> None:
     for i, p in enumerate(pl.points, start=1):
         cfg = p.cfg
         try:
-            T.resolve_device(cfg.device)
+            T.use_graphs(cfg, T.resolve_device(cfg.device))
             key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
             if key not in data_sizes:
                 root = data.resolve_data_dir(cfg.data_dir)

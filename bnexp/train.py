@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from . import config as C
-from . import data, models, probes
+from . import data, engine, models, probes
 from .errors import BnexpError
 from .tracking import FINISHED, RunDir, TensorBoardLog, check_writable, git_commit, now_iso, versions
 
@@ -61,11 +61,13 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def build_optimizer(cfg, params):
+def build_optimizer(cfg, params, capturable: bool = False):
+    """SGD or Adam; `capturable` keeps Adam's step count on the device, as CUDA graphs need."""
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay,
+                            capturable=capturable)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Setup:
     test: data.Split
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    opts: engine.ExecOptions
+    program: engine.StepProgram
 
 
 def check_sizes(cfg, n_train: int, n_test: int) -> None:
@@ -88,6 +92,12 @@ def check_sizes(cfg, n_train: int, n_test: int) -> None:
     if cfg.batch_size > n:
         raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples); "
                          f"lower batch_size or raise train_size")
+
+
+def use_graphs(cfg, device: torch.device) -> bool:
+    """Whether the run captures its training step as a CUDA graph (raises on an impossible cuda_graphs=on)."""
+    momentum = cfg.norm.momentum if cfg.norm.kind != "none" else 0.0
+    return engine.graphs_wanted(engine.ExecOptions.from_cfg(cfg), device, momentum)
 
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
@@ -112,7 +122,13 @@ def prepare(cfg) -> Setup:
     model = models.build_model(cfg.model.name, cfg.norm.kind, num_classes=train.num_classes,
                                in_channels=train.x.shape[1], image_size=train.x.shape[-1],
                                dropout=cfg.model.dropout, **norm_kwargs).to(device)
-    return Setup(device, train, test, model, build_optimizer(cfg, model.parameters()))
+    opts = engine.ExecOptions.from_cfg(cfg)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    graphs = use_graphs(cfg, device)
+    optimizer = build_optimizer(cfg, model.parameters(), capturable=graphs)
+    program = engine.StepProgram(model, optimizer, train, cfg.batch_size, cfg.drop_last, device, opts, graphs)
+    return Setup(device, train, test, model, optimizer, opts, program)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -125,51 +141,35 @@ def _sync(device: torch.device) -> None:
 def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
-    batches = data.batch_indices(len(s.train), cfg.batch_size, gen, cfg.drop_last, s.device)
-    size = s.model.input_size
-    losses = torch.empty(len(batches), device=s.device)
-    step_correct = torch.empty(len(batches), dtype=torch.long, device=s.device)
+    order = torch.randperm(len(s.train), generator=gen)  # the order data.batch_indices gives
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
-    s.model.train()
     _sync(s.device)
     t0 = time.perf_counter()
-    for i, idx in enumerate(batches):
-        xb, yb = data.to_input(s.train.x[idx], size), s.train.y[idx]
-        out = s.model(xb)
-        loss = F.cross_entropy(out, yb)
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-        losses[i] = loss.detach()
-        step_correct[i] = (out.argmax(1) == yb).sum()
-        if (i + 1) % check_every == 0 or i + 1 == len(batches):
-            value = loss.item()
-            if bar is not None:
-                bar.update(check_every if (i + 1) % check_every == 0 else (i + 1) % check_every)
-                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
-            if not math.isfinite(value):
-                losses = losses[: i + 1]
-                break
+    steps = s.program.run_epoch(order, check_every, bar, epoch)
     _sync(s.device)
     seconds = time.perf_counter() - t0
-    sizes = torch.tensor([len(b) for b in batches[: len(losses)]], device=s.device, dtype=losses.dtype)
-    step_correct = step_correct[: len(losses)]
+    losses, step_correct = s.program.losses[:steps], s.program.correct[:steps]
+    sizes = torch.tensor(s.program.batch_sizes[:steps], device=s.device, dtype=losses.dtype)
     return {"losses": losses.cpu(), "step_acc": (step_correct / sizes).cpu(),
             "train_loss": float((losses * sizes).sum() / sizes.sum()),
             "train_acc": step_correct.sum().item() / sizes.sum().item(), "seconds": seconds}
 
 
 @torch.no_grad()
-def evaluate(model, split: data.Split, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy over `split` in eval mode (running statistics)."""
+def evaluate(model, split: data.Split, batch_size: int, opts: engine.ExecOptions = engine.ExecOptions()
+             ) -> tuple[float, float]:
+    """Mean loss and accuracy over `split` in eval mode (running statistics); one host sync at the end."""
     model.eval()
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
+    device = split.x.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(split), batch_size):  # contiguous slices: no gather needed in eval
-        out = model(data.to_input(split.x[start:start + batch_size], model.input_size))
+        xb = engine.model_input(split.x[start:start + batch_size], model.input_size, opts.channels_last)
         yb = split.y[start:start + batch_size]
-        loss_sum += F.cross_entropy(out, yb, reduction="sum")
+        with engine.autocast(device, opts.precision):
+            out = model(xb)
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
     model.train()
     return loss_sum.item() / len(split), correct.item() / len(split)
@@ -186,15 +186,17 @@ def _progress_bar(cfg, total: int, initial: int):
                 dynamic_ncols=True, disable=None)
 
 
-def _info(rd: RunDir, cfg, device, status: str, state: dict, started: str, **extra) -> dict:
+def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, started: str, **extra) -> dict:
     rows = state["metrics"]
     last = rows[-1] if rows else None
     return {
         "run_id": rd.run_id, "status": status,
         "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
         "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
-        "error": extra.get("error"), "seed": cfg.seed, "device": str(device),
+        "error": extra.get("error"), "seed": cfg.seed, "device": str(s.device),
         "config_hash": C.config_hash(cfg), "versions": versions(), "git_commit": git_commit(),
+        "execution": {"precision": s.opts.precision, "channels_last": s.opts.channels_last,
+                      "cuda_graphs": s.program.use_graphs},
         "started": started, "ended": extra.get("ended"),
         "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
                     "total": round(state["elapsed"], 3)},
@@ -258,18 +260,18 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     started = prior.get("started") if resumed and prior.get("started") else now_iso()
     samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
     rd.write_config(cfg)
-    rd.write_info(_info(rd, cfg, s.device, "running", state, started))
+    rd.write_info(_info(rd, cfg, s, "running", state, started))
     step0 = sum(state["steps_per_epoch"])
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
-    probe_x = data.to_input(s.test.x[:PROBE_BATCH], s.model.input_size)
+    probe_x = engine.model_input(s.test.x[:PROBE_BATCH], s.model.input_size, s.opts.channels_last)
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
-    steps_per_epoch = len(data.batch_indices(len(s.train), cfg.batch_size, torch.Generator(), cfg.drop_last))
-    bar = _progress_bar(cfg, cfg.epochs * steps_per_epoch, step0)
+    bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
     t_start = time.perf_counter() - state["elapsed"]
     status = "running"
     try:
         if resumed == 0:
-            probes.record(s.model, probe_x, 0, 0, samples, tb)
+            with engine.autocast(s.device, s.opts.precision):
+                probes.record(s.model, probe_x, 0, 0, samples, tb)
         for epoch in range(resumed + 1, cfg.epochs + 1):
             ep = train_epoch(s, cfg, epoch, bar)
             step_losses = ep["losses"].tolist()
@@ -283,27 +285,28 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                 state["diverged_at"] = {"epoch": epoch, "step": step0}
                 status = "diverged"
                 break
-            test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size)
+            test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
             row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
                    "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
                    "lr": s.optimizer.param_groups[0]["lr"], "seconds": round(ep["seconds"], 4)}
             state["metrics"].append(row)
             tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
             if epoch in probe_at:
-                probes.record(s.model, probe_x, epoch, step0, samples, tb)
+                with engine.autocast(s.device, s.opts.precision):
+                    probes.record(s.model, probe_x, epoch, step0, samples, tb)
                 rd.write_activations(samples)
             state["epoch"] = epoch
             state["elapsed"] = time.perf_counter() - t_start
             _checkpoint(rd, s, cfg, state)
             rd.write_metrics(state["metrics"])
             rd.write_steps(state["losses"], state["steps_per_epoch"])
-            rd.write_info(_info(rd, cfg, s.device, "running", state, started))
+            rd.write_info(_info(rd, cfg, s, "running", state, started))
         else:
             status = "completed"
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
         state["elapsed"] = time.perf_counter() - t_start
         (rd.path / "error.log").write_text(traceback.format_exc())
-        rd.write_info(_info(rd, cfg, s.device, "failed", state, started, error=f"{type(e).__name__}: {e}",
+        rd.write_info(_info(rd, cfg, s, "failed", state, started, error=f"{type(e).__name__}: {e}",
                             ended=now_iso()))
         raise
     finally:
@@ -314,7 +317,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     rd.write_steps(state["losses"], state["steps_per_epoch"])
     if samples:
         rd.write_activations(samples)
-    info = _info(rd, cfg, s.device, status, state, started, ended=now_iso())
+    info = _info(rd, cfg, s, status, state, started, ended=now_iso())
     rd.write_info(info)
     hp = {k: v for k, v in C.flatten(OmegaConf.to_container(cfg)).items() if k not in C.NON_IDENTITY_KEYS}
     tb.hparams(hp, {f"hparam/{k}": (v if v is not None else float("nan"))
