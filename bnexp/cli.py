@@ -211,23 +211,38 @@ class BenchName(str, Enum):
     report = "report"
 
 
-@app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n  bnexp bench bn epoch")
+@app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
+                    "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
+                    "  bnexp bench epoch --device cuda --precision bf16")
 def bench(
     which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "
+                                           "comma-separated (auto, compiled, eager, triton; default: what auto picks)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="bn, epoch: NHWC tensors and model."),
+    precision: str = typer.Option("fp32", "--precision", help="epoch: fp32 | bf16 for bnexp's pipeline."),
 ):
     """Time bnexp against plain PyTorch in the same process and print ratios."""
     import importlib
     import json
 
+    from .nn.functional import BACKENDS
     from .train import resolve_device
 
+    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    for b in names or []:
+        if b not in BACKENDS:
+            raise BnexpError(f"--backends: unknown batch-norm backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in ("fp32", "bf16"):
+        raise BnexpError(f"--precision must be fp32 or bf16, got {precision!r}")
     dev = str(resolve_device(device))
     out.mkdir(parents=True, exist_ok=True)
+    options = {"bn": {"backends": names, "channels_last": channels_last},
+               "epoch": {"precision": precision, "channels_last": channels_last}}
     for name in which or [BenchName.bn, BenchName.epoch]:
         mod = importlib.import_module(f"bnexp.bench.{name.value}")
-        result = mod.run(device=dev)
+        result = mod.run(device=dev, **options.get(name.value, {}))
         typer.echo(mod.format_table(result))
         path = out / f"{name.value}-{dev.replace(':', '')}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,7 @@ the first untimed rounds include the compilation of our kernels. We report the m
 forward+backward in ms, the interquartile range, and the ratio ours / torch (below 1 = faster).
 """
 
+import math
 import platform
 import statistics
 
@@ -16,6 +17,11 @@ from bnexp.nn import functional as bn_functional
 from . import time_samples
 
 SHAPES = ((256, 6, 28, 28), (256, 16, 10, 10), (64, 64, 32, 32))  # LeNet5's two BN2d inputs at batch 256, a wide one
+LARGE = (64, 256, 56, 56)  # a ResNet-sized activation (205 MB in fp32): bandwidth-bound, on GPUs by default
+
+
+def default_shapes(device: torch.device) -> tuple:
+    return SHAPES + ((LARGE,) if device.type == "cuda" else ())
 
 
 def _device_name(device: torch.device) -> str:
@@ -30,25 +36,42 @@ def _device_name(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
+def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str | None = None):
     def step():
         x.grad = None  # each call starts from a fresh gradient (no accumulation pass)
-        layer(x).backward(grad)
+        if backend is None:
+            layer(x).backward(grad)
+        else:
+            with bn_functional.use_backend(backend):
+                layer(x).backward(grad)
     return step
 
 
-def run(device: str = "cpu", shapes=SHAPES, repeats: int = 40, warmup: int = 3, seed: int = 0) -> dict:
-    """Time both layers at each (N, C, H, W) shape; return a JSON-serialisable result dict."""
+def min_traffic_bytes(shape, itemsize: int = 4) -> int:
+    """Bytes a forward+backward must move at least: read x, write y; read x and dy, write dx."""
+    return 5 * itemsize * math.prod(shape)
+
+
+def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, seed: int = 0,
+        backends: list[str] | None = None, channels_last: bool = False) -> dict:
+    """Time torch's layer and ours (one column per backend) at each (N, C, H, W) shape.
+
+    backends: bnexp batch-norm backends to time side by side (default: what `auto` picks here);
+    the first is the `bnexp` column the ratio refers to. Returns a JSON-serialisable dict.
+    """
     dev = torch.device(device)
+    shapes = default_shapes(dev) if shapes is None else shapes
+    names = list(backends or [bn_functional.resolved_backend(dev)])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(seed)
     rows = []
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
-        x = torch.randn(shape, device=dev, requires_grad=True)
-        grad = torch.randn(shape, device=dev)
-        layers = {"bnexp": bnexp.nn.BatchNorm2d(shape[1], device=dev),
-                  "torch": torch.nn.BatchNorm2d(shape[1], device=dev)}
-        steps = {name: _step(layer, x, grad) for name, layer in layers.items()}
+        x = torch.randn(shape, device=dev).contiguous(memory_format=fmt).requires_grad_()
+        grad = torch.randn(shape, device=dev).contiguous(memory_format=fmt)
+        steps = {"torch": _step(torch.nn.BatchNorm2d(shape[1], device=dev), x, grad)}
+        for b in names:
+            steps[_column(b, names)] = _step(bnexp.nn.BatchNorm2d(shape[1], device=dev), x, grad, b)
         row = {"shape": list(shape)}
         for name, step in steps.items():  # the first call includes our compilation (or a cache load)
             row[f"{name}_first_call_ms"] = 1e3 * time_samples({name: step}, repeats=1, warmup=0)[name][0]
@@ -57,34 +80,52 @@ def run(device: str = "cpu", shapes=SHAPES, repeats: int = 40, warmup: int = 3, 
             q1, _, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0],) * 3
             row[f"{name}_ms"] = 1e3 * statistics.median(s)
             row[f"{name}_iqr_ms"] = 1e3 * (q3 - q1)
-        row["ratio"] = row["bnexp_ms"] / row["torch_ms"]
+            row[f"{name}_GBps"] = min_traffic_bytes(shape) / (row[f"{name}_ms"] / 1e3) / 1e9
+        for b in names:
+            row[f"{_column(b, names)}_ratio"] = row[f"{_column(b, names)}_ms"] / row["torch_ms"]
+        row["ratio"] = row[f"{_column(names[0], names)}_ratio"]
         rows.append(row)
     return {
         "benchmark": "bn forward+backward, train mode",
         "device": str(dev),
         "device_name": _device_name(dev),
         "torch_version": torch.__version__,
-        "backend": bn_functional.resolved_backend(dev),
+        "backend": names[0] if backends else bn_functional.resolved_backend(dev),
+        "backends": names,
+        "layout": "channels_last" if channels_last else "contiguous",
         "repeats": repeats,
         "warmup": warmup,
         "rows": rows,
     }
 
 
+def _column(backend: str, names: list[str]) -> str:
+    """Column name of a backend: `bnexp` for the first, `bnexp[name]` for the others."""
+    return "bnexp" if backend == names[0] else f"bnexp[{backend}]"
+
+
 def format_table(result: dict) -> str:
-    """A plain aligned text table: shape, medians (IQR) in ms, ratio ours/torch."""
-    header = ["shape (N,C,H,W)", "bnexp ms", "torch ms", "ratio"]
-    lines = [[f"({', '.join(map(str, r['shape']))})",
-              f"{r['bnexp_ms']:.3f} ±{r['bnexp_iqr_ms'] / 2:.3f}",
-              f"{r['torch_ms']:.3f} ±{r['torch_iqr_ms'] / 2:.3f}",
-              f"{r['ratio']:.2f}x"] for r in result["rows"]]
+    """A plain aligned text table: shape, medians (IQR) in ms, ratio ours/torch, min-traffic bandwidth."""
+    names = result.get("backends", [result["backend"]])
+    cols = [_column(b, names) for b in names]
+    header = ["shape (N,C,H,W)", "torch ms"] + [f"{c if c != 'bnexp' else 'bnexp[' + names[0] + ']'} ms"
+                                                for c in cols] + ["ratio", "GB/s torch/bnexp"]
+    lines = []
+    for r in result["rows"]:
+        line = [f"({', '.join(map(str, r['shape']))})", f"{r['torch_ms']:.3f} ±{r['torch_iqr_ms'] / 2:.3f}"]
+        line += [f"{r[c + '_ms']:.3f} ±{r[c + '_iqr_ms'] / 2:.3f}" for c in cols]
+        line += ["/".join(f"{r[c + '_ratio']:.2f}x" for c in cols),
+                 f"{r['torch_GBps']:.0f}/{r['bnexp_GBps']:.0f}"]
+        lines.append(line)
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def fmt(row):  # first column left-aligned, numbers right-aligned
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
     title = (f"{result['benchmark']} on {result['device']} ({result['device_name']}), torch {result['torch_version']}, "
-             f"bnexp backend {result['backend']}, median of {result['repeats']} (± half IQR)")
+             f"{result.get('layout', 'contiguous')}, median of {result['repeats']} (± half IQR); "
+             "ratio = bnexp / torch (below 1 = faster)")
     first = sum(r["bnexp_first_call_ms"] for r in result["rows"]) / 1e3
-    footer = f"first calls of bnexp (compilation or cache load included): {first:.1f} s in total"
+    footer = (f"first calls of bnexp (compilation or cache load included): {first:.1f} s in total; "
+              "GB/s = minimum traffic (5 x tensor bytes) / median time")
     return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), footer])

@@ -1,0 +1,37 @@
+"""bnexp bench on CPU with tiny inputs: the epoch and bn benchmarks run, write JSON and print ratios."""
+
+import json
+
+import pytest
+
+from bnexp.bench import bn, epoch
+from bnexp.cli import main
+from bnexp.nn import functional as bnF
+
+
+def test_epoch_benchmark_compares_the_pipelines(synth_data_dir):
+    result = epoch.run(device="cpu", batch_size=64, repeats=1, data_dir=str(synth_data_dir))
+    json.dumps(result)
+    assert set(result["seconds"]) == {"bnexp", "hand", "dataloader"}  # no bnexp-eager: no CUDA graphs on CPU
+    assert result["images"] == 512 and result["cuda_graphs"] is False and result["precision"] == "fp32"
+    assert result["ratio_bnexp_vs_hand"] == pytest.approx(result["seconds"]["bnexp"] / result["seconds"]["hand"], rel=0.01)
+    table = epoch.format_table(result)
+    assert "dataloader" in table and "CUDA graphs off" in table and "faster than the DataLoader script" in table
+
+
+def test_bn_benchmark_layouts_and_traffic():
+    with bnF.use_backend("eager"):
+        result = bn.run(shapes=((4, 3, 5, 5),), repeats=2, warmup=1, channels_last=True, backends=["eager"])
+    row = result["rows"][0]
+    assert result["layout"] == "channels_last" and result["backends"] == ["eager"]
+    assert row["bnexp_GBps"] == pytest.approx(bn.min_traffic_bytes((4, 3, 5, 5)) / row["bnexp_ms"] * 1e-6)
+    assert bn.min_traffic_bytes((64, 256, 56, 56)) == 5 * 4 * 64 * 256 * 56 * 56
+    assert bn.LARGE in bn.default_shapes(bn.torch.device("cuda")) and bn.LARGE not in bn.default_shapes(bn.torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args,msg", [(["--backends", "cudnn"], "unknown batch-norm backend 'cudnn'"),
+                                      (["--precision", "fp16"], "--precision must be fp32 or bf16")])
+def test_bench_rejects_bad_options(capsys, tmp_path, args, msg):
+    assert main(["bench", "bn", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
