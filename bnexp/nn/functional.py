@@ -9,20 +9,27 @@ in float32 (float64 for float64 inputs), and the output has the input's dtype.
 
 Speed: the same math in plain eager ops launches ~10 kernels each way and is 2-4x slower than
 ATen's fused kernels on CPU; compiled by Inductor it is faster than ATen (one kernel each way).
-So the training forward and backward are pure functions, compiled where that works (see
-"compiled kernels" below) and run eagerly otherwise:
+On CUDA, hand-written Triton kernels (`triton_bn`: two kernels each way, tiled for bandwidth,
+little Python per call) replace the Inductor-compiled ones. So the training forward and backward
+are pure functions, run by one of these backends:
 
-    BNEXP_BN_BACKEND=auto      compiled, falling back to eager (one warning) if compilation fails
-    BNEXP_BN_BACKEND=compiled  compiled, errors propagate (use it to be sure you measure compiled code)
+    BNEXP_BN_BACKEND=auto      CUDA: the Triton kernels, falling back to compiled (one warning) if
+                               they fail; other devices: compiled, falling back to eager (one warning)
+    BNEXP_BN_BACKEND=compiled  compiled by Inductor, errors propagate (to be sure you measure compiled code)
+    BNEXP_BN_BACKEND=triton    the Triton kernels, errors propagate; on CPU they run in Triton's
+                               interpreter (slow: for testing the kernels without a GPU)
     BNEXP_BN_BACKEND=eager     plain torch ops
 
-`set_backend()` / `use_backend()` select it from code (tests). Eval mode is two elementwise ops
-and always runs eagerly. Inside an outer `torch.compile(model)` the eager functions are traced
-by the outer compiler, so nothing is compiled twice.
+float64 inputs never take the Triton kernels (they compute in float32): under triton and auto they
+run compiled, falling back to eager. `set_backend()` / `use_backend()` select the backend from code
+(tests); `resolved_backend()` says what runs. Eval mode is two elementwise ops and always runs
+eagerly. Inside an outer `torch.compile(model)` the eager functions are traced by the outer
+compiler, so nothing is compiled twice.
 """
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import warnings
@@ -30,12 +37,14 @@ import warnings
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "compiled", "eager")
+BACKENDS = ("auto", "compiled", "eager", "triton")
 BACKEND_ENV = "BNEXP_BN_BACKEND"
 
 _backend: str | None = None  # None: read BACKEND_ENV on first use
 _compile_broken: dict[str, str] = {}  # device type -> why compilation failed (auto mode)
+_triton_broken: dict[str, str] = {}  # device type -> why the Triton kernels failed (auto mode)
 _compiled: dict[tuple, object] = {}  # input signature -> compiled kernel, built on first use
+_triton_bn = None  # the module bnexp.nn.triton_bn, imported on first use (it imports triton)
 
 
 # ----------------------------------------------------------------------------- backend selection
@@ -47,7 +56,7 @@ def _check_backend(name: str, source: str) -> str:
 
 
 def get_backend() -> str:
-    """The selected backend: 'auto', 'compiled' or 'eager' (default from $BNEXP_BN_BACKEND, else 'auto')."""
+    """The selected backend: 'auto', 'compiled', 'eager' or 'triton' (default from $BNEXP_BN_BACKEND, else 'auto')."""
     global _backend
     if _backend is None:
         _backend = _check_backend(os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto", f"${BACKEND_ENV}")
@@ -72,30 +81,65 @@ def use_backend(name: str):
 
 
 def resolved_backend(device: str | torch.device = "cpu") -> str:
-    """What actually runs on `device`: 'compiled' or 'eager' (auto mode after a failed compilation)."""
-    backend = get_backend()
-    if backend == "auto":
-        return "eager" if torch.device(device).type in _compile_broken else "compiled"
-    return backend
+    """What runs on `device` (for float16/32 inputs): 'triton', 'compiled' or 'eager' (auto mode
+    after a failure of the Triton kernels or of compilation)."""
+    backend, device = get_backend(), torch.device(device).type
+    if backend != "auto":
+        return backend
+    if device == "cuda" and device not in _triton_broken and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "eager" if device in _compile_broken else "compiled"
 
 
 def _run(name: str, fn, tensors: tuple, consts: dict):
-    """fn(*tensors, **consts), compiled or eager according to the backend (see the module docstring)."""
+    """fn(*tensors, **consts), or the same function of `triton_bn`, compiled or eager according to
+    the backend (see the module docstring)."""
     backend = get_backend()
-    device = tensors[0].device.type
-    if backend == "eager" or torch.compiler.is_compiling() or (backend == "auto" and device in _compile_broken):
+    if backend == "eager" or torch.compiler.is_compiling():
         return fn(*tensors, **consts)
+    x = tensors[0]
     if backend == "compiled":
         return _compiled_call(name, fn, tensors, consts)
+    if x.dtype != torch.float64:  # the Triton kernels compute in float32
+        if backend == "triton":
+            return _triton_call(name, tensors, consts)
+        if x.device.type == "cuda" and "cuda" not in _triton_broken:
+            try:
+                return _triton_call(name, tensors, consts)
+            except Exception as err:  # no Triton, a compiler error, ...
+                result = _compiled_or_eager(name, fn, tensors, consts)  # if this fails too, the input is at fault
+                _triton_broken["cuda"] = _reason(err)
+                warnings.warn(f"bnexp batch norm: the Triton kernels failed on cuda ({_triton_broken['cuda']}); "
+                              f"using the Inductor-compiled ones. Set {BACKEND_ENV}=compiled to silence this.",
+                              RuntimeWarning, stacklevel=2)
+                return result
+    return _compiled_or_eager(name, fn, tensors, consts)
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _triton_call(name: str, tensors: tuple, consts: dict):
+    global _triton_bn
+    if _triton_bn is None:
+        from . import triton_bn as _triton_bn  # imports triton: on first use only
+    return getattr(_triton_bn, name)(*tensors, **consts)  # writes fresh tensors: nothing for autograd to record
+
+
+def _compiled_or_eager(name: str, fn, tensors: tuple, consts: dict):
+    """Compiled, or eager (one warning) on a device where compilation failed."""
+    device = tensors[0].device.type
+    if device in _compile_broken:
+        return fn(*tensors, **consts)
     try:
         return _compiled_call(name, fn, tensors, consts)
     except Exception as err:  # no C++ compiler, no Triton, unsupported device, ...
         result = fn(*tensors, **consts)  # if eager fails too, the input is at fault: its error propagates
-        reason = (str(err).strip().splitlines() or [""])[0]
-        _compile_broken[device] = f"{type(err).__name__}: {reason}"
+        _compile_broken[device] = _reason(err)
         warnings.warn(f"bnexp batch norm: compilation failed on {device} ({_compile_broken[device]}); "
                       f"using the slower eager implementation. Set {BACKEND_ENV}=eager to silence this.",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return result
 
 
