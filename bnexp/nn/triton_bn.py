@@ -71,6 +71,58 @@ def _tile(item, rows, cols, base, col_start, col_limit, A, row_stride, b_blocks,
 
 
 @triton.jit
+def _channels(block, cols, C, B, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr):
+    """The channels of program `block`: (index of its per-channel values, their mask, and the
+    tile arguments base, col_start, col_limit; offset of x[0, c, 0]). B == 1: COLS channels
+    (vectors); else one channel (scalars)."""
+    if CHANNEL_COLS:
+        param = block * COLS + cols
+        valid = param < C
+        base, col_start, col_limit, first = 0, block * COLS, C, param
+    else:
+        param = block
+        valid = block < C  # always: one real channel
+        base, col_start, col_limit, first = block * B, 0, B, block * B
+    return param, valid, base, col_start, col_limit, first
+
+
+@triton.jit
+def _bcast(v, CHANNEL_COLS: tl.constexpr):
+    """A per-channel value shaped to broadcast against a [ROWS, COLS] tile."""
+    if CHANNEL_COLS:
+        v = v[None, :]
+    return v
+
+
+@triton.jit
+def _load_channel(ptr, param, valid, other, CHANNEL_COLS: tl.constexpr):
+    """Per-channel float32 values at `param`, shaped for a tile."""
+    return _bcast(tl.load(ptr + param, mask=valid, other=other).to(tl.float32), CHANNEL_COLS)
+
+
+@triton.jit
+def _tile_sum(v, CHANNEL_COLS: tl.constexpr):
+    """Sum of a [ROWS, COLS] tile per channel: over rows (B == 1), or over everything (one channel)."""
+    if CHANNEL_COLS:
+        out = tl.sum(v, axis=0)
+    else:
+        out = tl.sum(tl.sum(v, axis=1), axis=0)
+    return out
+
+
+@triton.jit
+def _load_partials(part_ptr, k, splits, param, valid, C, S, CHANNEL_COLS: tl.constexpr):
+    """Partial k [S, C] of the program's channels over all splits: [SPLITS, COLS] or [SPLITS]; 0 past S."""
+    if CHANNEL_COLS:
+        idx = splits[:, None] * C + param[None, :]
+        ok = (splits < S)[:, None] & valid[None, :]
+    else:
+        idx = splits * C + param
+        ok = splits < S
+    return tl.load(part_ptr + k * S * C + idx, mask=ok, other=0.0)
+
+
+@triton.jit
 def _stats_partials(x_ptr, part_ptr, A, C, B, row_stride, items, items_per_split, b_blocks, S,
                     ROWS: tl.constexpr, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr, WIDE: tl.constexpr):
     """K1: count, mean and M2 of d = x - shift per (split, channel) -> part [3, S, C]."""
@@ -81,24 +133,17 @@ def _stats_partials(x_ptr, part_ptr, A, C, B, row_stride, items, items_per_split
     if WIDE:
         rows = rows.to(tl.int64)
         block = block.to(tl.int64)
-    # A float32 scalar tensor 0 to start the loop-carried sums (a Python 0.0 is a constexpr, which
-    # older Triton versions refuse to carry through a loop).
-    zero = split.to(tl.float32) * 0.0
-    if CHANNEL_COLS:  # the columns are COLS channels
-        chan = block * COLS + cols
-        chan_ok = chan < C
-        base, col_start, col_limit = 0, block * COLS, C
-        shift = tl.load(x_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)  # x[0, c]
-        shift_t = shift[None, :]
+    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
+    shift_t = _load_channel(x_ptr, first_x, valid, 0.0, CHANNEL_COLS)  # x[0, c, 0]
+    # Loop-carried float32 tensors (a Python 0.0 is a constexpr, which older Triton versions refuse
+    # to carry through a loop); count is the same for every channel of the program.
+    count = split.to(tl.float32) * 0.0
+    if CHANNEL_COLS:
         mean = tl.zeros([COLS], dtype=tl.float32)
         m2 = tl.zeros([COLS], dtype=tl.float32)
-    else:  # one channel; the columns are positions b
-        base, col_start, col_limit = block * B, 0, B
-        shift = tl.load(x_ptr + base).to(tl.float32)  # x[0, c, 0]
-        shift_t = shift
-        mean = zero
-        m2 = zero
-    count = zero  # values merged so far: the same for every channel of the program
+    else:
+        mean = count
+        m2 = count
     first = split * items_per_split
     last = tl.minimum(first + items_per_split, items)
     for item in range(first, last):
@@ -109,14 +154,9 @@ def _stats_partials(x_ptr, part_ptr, A, C, B, row_stride, items, items_per_split
             n_tile = n_tile * tl.minimum(B - (item - a_block * b_blocks) * COLS, COLS).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         d = tl.where(ok, x - shift_t, 0.0)
-        if CHANNEL_COLS:
-            tile_mean = tl.sum(d, axis=0) / n_tile
-            dev = tl.where(ok, d - tile_mean[None, :], 0.0)
-            tile_m2 = tl.sum(dev * dev, axis=0)
-        else:
-            tile_mean = tl.sum(tl.sum(d, axis=1), axis=0) / n_tile
-            dev = tl.where(ok, d - tile_mean, 0.0)
-            tile_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        tile_mean = _tile_sum(d, CHANNEL_COLS) / n_tile
+        dev = tl.where(ok, d - _bcast(tile_mean, CHANNEL_COLS), 0.0)
+        tile_m2 = _tile_sum(dev * dev, CHANNEL_COLS)
         # Chan et al.: merge (count, mean, m2) with the tile's (n_tile, tile_mean, tile_m2)
         total = count + n_tile
         frac = n_tile / total
@@ -124,16 +164,10 @@ def _stats_partials(x_ptr, part_ptr, A, C, B, row_stride, items, items_per_split
         mean = mean + diff * frac
         m2 = m2 + tile_m2 + diff * diff * count * frac
         count = total
-    if CHANNEL_COLS:
-        idx = split * C + chan
-        tl.store(part_ptr + idx, tl.zeros([COLS], dtype=tl.float32) + count, mask=chan_ok)
-        tl.store(part_ptr + S * C + idx, mean, mask=chan_ok)
-        tl.store(part_ptr + 2 * S * C + idx, m2, mask=chan_ok)
-    else:
-        idx = split * C + block
-        tl.store(part_ptr + idx, count)
-        tl.store(part_ptr + S * C + idx, mean)
-        tl.store(part_ptr + 2 * S * C + idx, m2)
+    idx = split * C + param
+    tl.store(part_ptr + idx, count + mean * 0.0, mask=valid)  # count broadcast to the channels
+    tl.store(part_ptr + S * C + idx, mean, mask=valid)
+    tl.store(part_ptr + 2 * S * C + idx, m2, mask=valid)
 
 
 @triton.jit
@@ -151,37 +185,16 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, A, C, B, row_str
     if WIDE:
         rows = rows.to(tl.int64)
         block = block.to(tl.int64)
+    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
     # Chan et al. over the S partials at once: mean = sum n_s mean_s / n, M2 = sum M2_s + n_s (mean_s - mean)^2
-    if CHANNEL_COLS:
-        chan = block * COLS + cols
-        chan_ok = chan < C
-        base, col_start, col_limit = 0, block * COLS, C
-        idx = splits[:, None] * C + chan[None, :]
-        part_ok = (splits < S)[:, None] & chan_ok[None, :]
-        n_s = tl.load(part_ptr + idx, mask=part_ok, other=0.0)
-        mean_s = tl.load(part_ptr + S * C + idx, mask=part_ok, other=0.0)
-        m2_s = tl.load(part_ptr + 2 * S * C + idx, mask=part_ok, other=0.0)
-        n = tl.maximum(tl.sum(n_s, axis=0), 1.0)  # 1: channels past C (masked)
-        delta = tl.sum(n_s * mean_s, axis=0) / n
-        dm = mean_s - delta[None, :]
-        m2 = tl.sum(m2_s + n_s * dm * dm, axis=0)
-        shift = tl.load(x_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
-        param = chan
-        valid = chan_ok
-    else:
-        idx = splits * C + block
-        part_ok = splits < S
-        n_s = tl.load(part_ptr + idx, mask=part_ok, other=0.0)
-        mean_s = tl.load(part_ptr + S * C + idx, mask=part_ok, other=0.0)
-        m2_s = tl.load(part_ptr + 2 * S * C + idx, mask=part_ok, other=0.0)
-        n = tl.sum(n_s, axis=0)
-        delta = tl.sum(n_s * mean_s, axis=0) / n
-        dm = mean_s - delta
-        m2 = tl.sum(m2_s + n_s * dm * dm, axis=0)
-        base, col_start, col_limit = block * B, 0, B
-        shift = tl.load(x_ptr + base).to(tl.float32)
-        param = block
-        valid = block < C  # always: one real channel
+    n_s = _load_partials(part_ptr, 0, splits, param, valid, C, S, CHANNEL_COLS)
+    mean_s = _load_partials(part_ptr, 1, splits, param, valid, C, S, CHANNEL_COLS)
+    m2_s = _load_partials(part_ptr, 2, splits, param, valid, C, S, CHANNEL_COLS)
+    n = tl.maximum(tl.sum(n_s, axis=0), 1.0)  # 1: channels past C (masked)
+    delta = tl.sum(n_s * mean_s, axis=0) / n
+    dm = mean_s - _bcast(delta, CHANNEL_COLS)
+    m2 = tl.sum(m2_s + n_s * dm * dm, axis=0)
+    shift = tl.load(x_ptr + first_x, mask=valid, other=0.0).to(tl.float32)
     var = m2 / n
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
@@ -196,16 +209,10 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, A, C, B, row_str
     tl.store(stats_ptr + 2 * C + param, invstd, mask=first_split)
     tl.store(stats_ptr + 3 * C + param, shift + delta, mask=first_split)
     tl.store(stats_ptr + 4 * C + param, var * unbias, mask=first_split)
-    if CHANNEL_COLS:
-        shift_t = shift[None, :]
-        delta_t = delta[None, :]
-        scale_t = scale[None, :]
-        offset_t = offset[None, :]
-    else:
-        shift_t = shift
-        delta_t = delta
-        scale_t = scale
-        offset_t = offset
+    scale_t = _bcast(scale, CHANNEL_COLS)
+    offset_t = _bcast(offset, CHANNEL_COLS)
+    shift_t = _bcast(shift, CHANNEL_COLS)
+    delta_t = _bcast(delta, CHANNEL_COLS)
     first = split * items_per_split
     last = tl.minimum(first + items_per_split, items)
     for item in range(first, last):
@@ -227,18 +234,10 @@ def _grad_partials(g_ptr, x_ptr, shift_ptr, delta_ptr, invstd_ptr, part_ptr, A, 
     if WIDE:
         rows = rows.to(tl.int64)
         block = block.to(tl.int64)
-    if CHANNEL_COLS:
-        chan = block * COLS + cols
-        chan_ok = chan < C
-        base, col_start, col_limit = 0, block * COLS, C
-        shift_t = tl.load(shift_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
-        delta_t = tl.load(delta_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
-        invstd_t = tl.load(invstd_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        base, col_start, col_limit = block * B, 0, B
-        shift_t = tl.load(shift_ptr + block).to(tl.float32)
-        delta_t = tl.load(delta_ptr + block).to(tl.float32)
-        invstd_t = tl.load(invstd_ptr + block).to(tl.float32)
+    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
+    shift_t = _load_channel(shift_ptr, param, valid, 0.0, CHANNEL_COLS)
+    delta_t = _load_channel(delta_ptr, param, valid, 0.0, CHANNEL_COLS)
+    invstd_t = _load_channel(invstd_ptr, param, valid, 0.0, CHANNEL_COLS)
     sum_g = tl.zeros([ROWS, COLS], dtype=tl.float32)
     sum_gx = tl.zeros([ROWS, COLS], dtype=tl.float32)
     first = split * items_per_split
@@ -250,14 +249,9 @@ def _grad_partials(g_ptr, x_ptr, shift_ptr, delta_ptr, invstd_ptr, part_ptr, A, 
         x_hat = (x - shift_t - delta_t) * invstd_t
         sum_g += g
         sum_gx += g * x_hat  # g = 0 where masked
-    if CHANNEL_COLS:
-        idx = split * C + chan
-        tl.store(part_ptr + idx, tl.sum(sum_g, axis=0), mask=chan_ok)
-        tl.store(part_ptr + S * C + idx, tl.sum(sum_gx, axis=0), mask=chan_ok)
-    else:
-        idx = split * C + block
-        tl.store(part_ptr + idx, tl.sum(tl.sum(sum_g, axis=1), axis=0))
-        tl.store(part_ptr + S * C + idx, tl.sum(tl.sum(sum_gx, axis=1), axis=0))
+    idx = split * C + param
+    tl.store(part_ptr + idx, _tile_sum(sum_g, CHANNEL_COLS), mask=valid)
+    tl.store(part_ptr + S * C + idx, _tile_sum(sum_gx, CHANNEL_COLS), mask=valid)
 
 
 @triton.jit
@@ -275,48 +269,21 @@ def _grad_input(g_ptr, x_ptr, dx_ptr, w_ptr, shift_ptr, delta_ptr, invstd_ptr, p
     if WIDE:
         rows = rows.to(tl.int64)
         block = block.to(tl.int64)
-    if CHANNEL_COLS:
-        chan = block * COLS + cols
-        chan_ok = chan < C
-        base, col_start, col_limit = 0, block * COLS, C
-        idx = splits[:, None] * C + chan[None, :]
-        part_ok = (splits < S)[:, None] & chan_ok[None, :]
-        grad_bias = tl.sum(tl.load(part_ptr + idx, mask=part_ok, other=0.0), axis=0)
-        grad_weight = tl.sum(tl.load(part_ptr + S * C + idx, mask=part_ok, other=0.0), axis=0)
-        param = chan
-        valid = chan_ok
-    else:
-        idx = splits * C + block
-        part_ok = splits < S
-        grad_bias = tl.sum(tl.load(part_ptr + idx, mask=part_ok, other=0.0), axis=0)
-        grad_weight = tl.sum(tl.load(part_ptr + S * C + idx, mask=part_ok, other=0.0), axis=0)
-        base, col_start, col_limit = block * B, 0, B
-        param = block
-        valid = block < C  # always: one real channel
-    shift = tl.load(shift_ptr + param, mask=valid, other=0.0).to(tl.float32)
-    delta = tl.load(delta_ptr + param, mask=valid, other=0.0).to(tl.float32)
-    invstd = tl.load(invstd_ptr + param, mask=valid, other=0.0).to(tl.float32)
+    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
+    grad_bias = tl.sum(_load_partials(part_ptr, 0, splits, param, valid, C, S, CHANNEL_COLS), axis=0)
+    grad_weight = tl.sum(_load_partials(part_ptr, 1, splits, param, valid, C, S, CHANNEL_COLS), axis=0)
     tl.store(out_ptr + param, grad_weight, mask=valid & (split == 0))
     tl.store(out_ptr + C + param, grad_bias, mask=valid & (split == 0))
+    invstd = tl.load(invstd_ptr + param, mask=valid, other=0.0).to(tl.float32)
     scale = invstd
     if HAS_WEIGHT:
         scale = invstd * tl.load(w_ptr + param, mask=valid, other=0.0).to(tl.float32)
-    mean_g = grad_bias * inv_n
-    mean_gx = grad_weight * inv_n
-    if CHANNEL_COLS:
-        shift_t = shift[None, :]
-        delta_t = delta[None, :]
-        invstd_t = invstd[None, :]
-        scale_t = scale[None, :]
-        mean_g_t = mean_g[None, :]
-        mean_gx_t = mean_gx[None, :]
-    else:
-        shift_t = shift
-        delta_t = delta
-        invstd_t = invstd
-        scale_t = scale
-        mean_g_t = mean_g
-        mean_gx_t = mean_gx
+    shift_t = _load_channel(shift_ptr, param, valid, 0.0, CHANNEL_COLS)
+    delta_t = _load_channel(delta_ptr, param, valid, 0.0, CHANNEL_COLS)
+    invstd_t = _bcast(invstd, CHANNEL_COLS)
+    scale_t = _bcast(scale, CHANNEL_COLS)
+    mean_g_t = _bcast(grad_bias * inv_n, CHANNEL_COLS)
+    mean_gx_t = _bcast(grad_weight * inv_n, CHANNEL_COLS)
     first = split * items_per_split
     last = tl.minimum(first + items_per_split, items)
     for item in range(first, last):
