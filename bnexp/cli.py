@@ -237,6 +237,9 @@ def bench(
     if precision not in ("fp32", "bf16"):
         raise BnexpError(f"--precision must be fp32 or bf16, got {precision!r}")
     dev = str(resolve_device(device))
+    if "triton" in (names or []) and not dev.startswith("cuda"):
+        raise BnexpError("--backends triton needs --device cuda: on CPU the Triton kernels run in Triton's "
+                         "interpreter (for tests), far too slow to time")
     out.mkdir(parents=True, exist_ok=True)
     options = {"bn": {"backends": names, "channels_last": channels_last},
                "epoch": {"precision": precision, "channels_last": channels_last}}

@@ -277,3 +277,15 @@ def test_auto_routes_float64_on_cuda_to_the_compiled_path(fake_cuda_input, monke
     fake_cuda_input.dtype = torch.float64
     with bnF.use_backend("auto"):
         assert bnF._run("train_forward", None, (fake_cuda_input,), {}) == "compiled"
+
+
+def test_triton_on_cpu_warns_once_that_it_is_the_interpreter(monkeypatch):
+    monkeypatch.setattr(bnF, "_interpreter_warned", False)
+    layer = bnexp.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with bnF.use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="Triton's interpreter, which is for testing"):
+            layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer(x)

@@ -45,6 +45,7 @@ _compile_broken: dict[str, str] = {}  # device type -> why compilation failed (a
 _triton_broken: dict[str, str] = {}  # device type -> why the Triton kernels failed (auto mode)
 _compiled: dict[tuple, object] = {}  # input signature -> compiled kernel, built on first use
 _triton_bn = None  # the module bnexp.nn.triton_bn, imported on first use (it imports triton)
+_interpreter_warned = False  # the triton backend on CPU tensors warns once per process
 
 
 # ----------------------------------------------------------------------------- backend selection
@@ -121,9 +122,14 @@ def _reason(err: Exception) -> str:
 
 
 def _triton_call(name: str, tensors: tuple, consts: dict):
-    global _triton_bn
+    global _triton_bn, _interpreter_warned
     if _triton_bn is None:
         from . import triton_bn as _triton_bn  # imports triton: on first use only
+    if tensors[0].device.type == "cpu" and not _interpreter_warned:
+        _interpreter_warned = True
+        warnings.warn(f"bnexp batch norm: {BACKEND_ENV}=triton on CPU runs the kernels in Triton's interpreter, "
+                      "which is for testing and thousands of times slower; use auto, compiled or eager on CPU",
+                      RuntimeWarning, stacklevel=3)
     return getattr(_triton_bn, name)(*tensors, **consts)  # writes fresh tensors: nothing for autograd to record
 
 
