@@ -64,6 +64,7 @@ Examples:
   bnexp train --bn off lr=0.5 batch_size=512 epochs=20 seed=1
   bnexp train model=alexnet_cifar data=cifar100 optim=adam lr=1e-3 batch_size=256
   bnexp train epochs=1 train_size=5000 device=cpu data_dir=../shared/data
+  bnexp train device=cuda precision=bf16 channels_last=true cuda_graphs=on
 
 """
 
