@@ -209,11 +209,11 @@ class StepProgram:
         Every `check_every` steps the last loss is read on the host (the only sync): a non-finite
         loss stops the epoch there, and the steps taken end at the first non-finite loss.
         """
+        self.model.train()  # before a capture too: the graph records train-mode layers
         if self.use_graphs and self.graph is None:
             self._capture()
         self.order.copy_(order)
         self.counter.zero_()
-        self.model.train()
         done = self.steps
         for i in range(self.steps):
             if i < self.full:

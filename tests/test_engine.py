@@ -222,3 +222,14 @@ def test_impossible_cuda_graphs_is_a_one_line_error_before_any_run(capsys, synth
         err = capsys.readouterr().err
         assert "cuda_graphs=on needs a CUDA device" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_capture_records_train_mode_even_after_eval(synth_data_dir):
+    cfg, s = setup(synth_data_dir)
+    program = graph_program(s, cfg)
+    s.model.eval()  # e.g. left so by an evaluation
+    seen = []
+    hook = s.model.conv1.norm.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    program.run_epoch(orders(200, 1)[0], 1)
+    hook.remove()
+    assert seen and all(seen)
