@@ -258,6 +258,11 @@ def test_state_dict_both_ways(dims, shape, backend):
 # ----------------------------------------------------------------------------- semantics beyond torch parity
 
 def test_biased_running_var(backend):
+    check_biased_running_var()
+
+
+def check_biased_running_var():
+    """running_var follows the biased batch variance with biased_running_var=True (any backend)."""
     gen = torch.Generator().manual_seed(3)
     layer = bnexp.nn.BatchNorm2d(3, momentum=0.25, biased_running_var=True)
     expected = torch.ones(3, dtype=torch.float64)

@@ -17,7 +17,7 @@ from bnexp.nn import functional as bnF
 pytest.importorskip("triton")
 from bnexp.nn import triton_bn  # noqa: E402
 
-from test_nn_parity import MODES, check_parity  # noqa: E402
+from test_nn_parity import MODES, check_biased_running_var, check_parity  # noqa: E402
 
 
 @pytest.fixture
@@ -102,15 +102,8 @@ def test_matches_eager_backend(layout, affine, triton_calls):
 
 
 def test_biased_running_var(triton_calls):
-    gen = torch.Generator().manual_seed(3)
-    layer = bnexp.nn.BatchNorm2d(3, momentum=0.25, biased_running_var=True)
-    expected = torch.ones(3, dtype=torch.float64)
-    for n in (2, 4, 3):
-        x = torch.randn(n, 3, 2, 2, generator=gen) * 3
-        layer(x)
-        expected = 0.75 * expected + 0.25 * x.double().var(dim=(0, 2, 3), unbiased=False)
-    torch.testing.assert_close(layer.running_var.double(), expected, rtol=1e-6, atol=1e-7)
-    assert triton_calls["train_forward"] == 3
+    check_biased_running_var()
+    assert triton_calls["train_forward"] == 4  # three biased steps, one unbiased
 
 
 def test_large_offset_no_cancellation(triton_calls):

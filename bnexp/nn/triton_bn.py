@@ -71,10 +71,17 @@ def _tile(item, rows, cols, base, col_start, col_limit, A, row_stride, b_blocks,
 
 
 @triton.jit
-def _channels(block, cols, C, B, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr):
-    """The channels of program `block`: (index of its per-channel values, their mask, and the
-    tile arguments base, col_start, col_limit; offset of x[0, c, 0]). B == 1: COLS channels
-    (vectors); else one channel (scalars)."""
+def _program(C, B, ROWS: tl.constexpr, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr, WIDE: tl.constexpr):
+    """What every kernel's program starts from: its split, the tile's row and column ranges, the
+    index of its per-channel values and their mask, the tile arguments base, col_start, col_limit,
+    and the offset of x[0, c, 0]. B == 1: COLS channels (vectors); else one channel (scalars)."""
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    if WIDE:  # offsets past 2**31
+        rows = rows.to(tl.int64)
+        block = block.to(tl.int64)
     if CHANNEL_COLS:
         param = block * COLS + cols
         valid = param < C
@@ -83,7 +90,7 @@ def _channels(block, cols, C, B, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr)
         param = block
         valid = block < C  # always: one real channel
         base, col_start, col_limit, first = block * B, 0, B, block * B
-    return param, valid, base, col_start, col_limit, first
+    return split, rows, cols, param, valid, base, col_start, col_limit, first
 
 
 @triton.jit
@@ -126,14 +133,8 @@ def _load_partials(part_ptr, k, splits, param, valid, C, S, CHANNEL_COLS: tl.con
 def _stats_partials(x_ptr, part_ptr, A, C, B, row_stride, items, items_per_split, b_blocks, S,
                     ROWS: tl.constexpr, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr, WIDE: tl.constexpr):
     """K1: count, mean and M2 of d = x - shift per (split, channel) -> part [3, S, C]."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        block = block.to(tl.int64)
-    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
+    split, rows, cols, param, valid, base, col_start, col_limit, first_x = _program(
+        C, B, ROWS, COLS, CHANNEL_COLS, WIDE)
     shift_t = _load_channel(x_ptr, first_x, valid, 0.0, CHANNEL_COLS)  # x[0, c, 0]
     # Loop-carried float32 tensors (a Python 0.0 is a constexpr, which older Triton versions refuse
     # to carry through a loop); count is the same for every channel of the program.
@@ -177,15 +178,9 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, A, C, B, row_str
                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr):
     """K2: merge the S partials of K1, write y; split 0 writes stats [5, C]
     (shift, delta, invstd, mean = shift + delta, variance for the running estimate)."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
+    split, rows, cols, param, valid, base, col_start, col_limit, first_x = _program(
+        C, B, ROWS, COLS, CHANNEL_COLS, WIDE)
     splits = tl.arange(0, SPLITS)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        block = block.to(tl.int64)
-    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
     # Chan et al. over the S partials at once: mean = sum n_s mean_s / n, M2 = sum M2_s + n_s (mean_s - mean)^2
     n_s = _load_partials(part_ptr, 0, splits, param, valid, C, S, CHANNEL_COLS)
     mean_s = _load_partials(part_ptr, 1, splits, param, valid, C, S, CHANNEL_COLS)
@@ -227,14 +222,8 @@ def _grad_partials(g_ptr, x_ptr, shift_ptr, delta_ptr, invstd_ptr, part_ptr, A, 
                    items_per_split, b_blocks, S,
                    ROWS: tl.constexpr, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr, WIDE: tl.constexpr):
     """K3: sums of g and g * x_hat per (split, channel) -> part [2, S, C]."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        block = block.to(tl.int64)
-    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
+    split, rows, cols, param, valid, base, col_start, col_limit, first_x = _program(
+        C, B, ROWS, COLS, CHANNEL_COLS, WIDE)
     shift_t = _load_channel(shift_ptr, param, valid, 0.0, CHANNEL_COLS)
     delta_t = _load_channel(delta_ptr, param, valid, 0.0, CHANNEL_COLS)
     invstd_t = _load_channel(invstd_ptr, param, valid, 0.0, CHANNEL_COLS)
@@ -261,15 +250,9 @@ def _grad_input(g_ptr, x_ptr, dx_ptr, w_ptr, shift_ptr, delta_ptr, invstd_ptr, p
                 HAS_WEIGHT: tl.constexpr, WIDE: tl.constexpr):
     """K4: grad_x = weight * invstd * (g - sum g / n - x_hat * sum(g x_hat) / n); split 0 writes
     out [2, C] = (grad_weight, grad_bias)."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
+    split, rows, cols, param, valid, base, col_start, col_limit, first_x = _program(
+        C, B, ROWS, COLS, CHANNEL_COLS, WIDE)
     splits = tl.arange(0, SPLITS)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        block = block.to(tl.int64)
-    param, valid, base, col_start, col_limit, first_x = _channels(block, cols, C, B, COLS, CHANNEL_COLS)
     grad_bias = tl.sum(_load_partials(part_ptr, 0, splits, param, valid, C, S, CHANNEL_COLS), axis=0)
     grad_weight = tl.sum(_load_partials(part_ptr, 1, splits, param, valid, C, S, CHANNEL_COLS), axis=0)
     tl.store(out_ptr + param, grad_weight, mask=valid & (split == 0))
