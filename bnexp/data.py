@@ -370,23 +370,32 @@ DATASETS: dict[str, DatasetSpec] = {
 
 # ======================================================================== batching
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool,
-                  device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """One epoch of index batches over n samples, on `device`.
+def batch_sizes(n: int, batch_size: int, shuffled: bool, drop_last: bool) -> list[int]:
+    """The sizes of one epoch's batches over n samples: the rule `batch_indices` and the training step share.
 
-    generator: a CPU generator (the same permutation on every device) for a shuffled training
-    epoch; None for evaluation, in order. As with DataLoader the last partial batch is kept unless
-    drop_last, except that a shuffled epoch drops a last batch of exactly one sample: BN's FC layers
-    would see one value per channel ("Expected more than 1 value per channel when training").
+    As with DataLoader the last partial batch is kept unless drop_last, except that a shuffled
+    (training) epoch drops a last batch of exactly one sample: BN's FC layers would see one value
+    per channel ("Expected more than 1 value per channel when training").
     """
     if n < 1 or batch_size < 1:
-        raise ValueError(f"batch_indices: need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+        raise ValueError(f"batch_sizes: need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    sizes = [batch_size] * (n // batch_size)
+    rest = n % batch_size
+    if rest and not (drop_last or (shuffled and rest == 1)):
+        sizes.append(rest)
+    return sizes
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool,
+                  device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """One epoch of index batches over n samples, on `device`, sized by `batch_sizes`.
+
+    generator: a CPU generator (the same permutation on every device) for a shuffled training
+    epoch; None for evaluation, in order.
+    """
+    sizes = batch_sizes(n, batch_size, generator is not None, drop_last)
     order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
-    batches = list(order.to(device).split(batch_size))
-    last = len(batches[-1])
-    if last < batch_size and (drop_last or (generator is not None and last == 1)):
-        batches.pop()
-    return batches
+    return list(order[:sum(sizes)].to(device).split(batch_size)) if sizes else []
 
 
 def to_input(xb: torch.Tensor, size: int) -> torch.Tensor:

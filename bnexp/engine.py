@@ -148,11 +148,10 @@ class StepProgram:
         self.model, self.optimizer, self.train, self.device, self.opts = model, optimizer, train, device, opts
         n = len(train)
         self.batch_size = batch_size
-        self.full = n // batch_size
-        rest = n - self.full * batch_size
-        # Same batches as data.batch_indices: the partial batch is kept unless drop_last, or if it is one sample.
-        self.rest = rest if rest and not drop_last and rest > 1 else 0
-        self.steps = self.full + (1 if self.rest else 0)
+        self.batch_sizes = data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last)
+        self.full = n // batch_size  # full batches: the captured step; then the partial one, if kept
+        self.rest = n - self.full * batch_size if len(self.batch_sizes) > self.full else 0
+        self.steps = len(self.batch_sizes)
         self.order = torch.arange(n, device=device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(self.steps, device=device)
@@ -160,10 +159,6 @@ class StepProgram:
         self.use_graphs = use_graphs and self.full > 0
         self.graph_factory = graph_factory
         self.graph = None
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [self.batch_size] * self.full + ([self.rest] if self.rest else [])
 
     def _step(self, idx: torch.Tensor) -> None:
         """One optimisation step on the samples `idx`; results land at [counter]. Static: capturable."""

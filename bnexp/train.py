@@ -141,7 +141,7 @@ def _sync(device: torch.device) -> None:
 def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
     """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
-    order = torch.randperm(len(s.train), generator=gen)  # the order data.batch_indices gives
+    order = torch.randperm(len(s.train), generator=gen)  # data.batch_indices' order for this generator
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
     _sync(s.device)

@@ -14,7 +14,7 @@ from torchvision.datasets import CIFAR100, FashionMNIST
 
 import synth
 from bnexp import data
-from bnexp.data import DATASETS, batch_indices, load_split, resolve_data_dir, to_input
+from bnexp.data import DATASETS, batch_indices, batch_sizes, load_split, resolve_data_dir, to_input
 from bnexp.errors import BnexpError
 
 
@@ -300,6 +300,11 @@ def test_batch_indices_last_batch_rules():
     assert [len(b) for b in batch_indices(70, 16, g, True, "cpu")] == [16] * 4
     assert [len(b) for b in batch_indices(70, 16, None, True, "cpu")] == [16] * 4
     assert [len(b) for b in batch_indices(3, 1, g, False, "cpu")] == [1, 1, 1]  # full batches stay
+    assert batch_indices(10, 16, g, True, "cpu") == []  # drop_last and no full batch: an empty epoch
+    assert [len(b) for b in batch_indices(10, 16, g, False, "cpu")] == [10]
+    for n, bs, shuffled, drop in ((65, 16, True, False), (70, 16, True, False), (65, 16, False, False), (70, 16, False, True)):
+        gen = torch.Generator().manual_seed(0) if shuffled else None
+        assert [len(b) for b in batch_indices(n, bs, gen, drop, "cpu")] == batch_sizes(n, bs, shuffled, drop)
     with pytest.raises(ValueError):
         batch_indices(10, 0, None, False, "cpu")
 
