@@ -110,7 +110,10 @@ class _Snapshot:
             for key, t in st.items():
                 if isinstance(t, torch.Tensor):
                     saved = self.state.get((id(p), key))
-                    t.copy_(saved) if saved is not None else t.zero_()
+                    if saved is None:  # created by the warm-up
+                        t.zero_()
+                    else:
+                        t.copy_(saved)
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state(self.cuda_rng, self.device)
@@ -150,7 +153,6 @@ class StepProgram:
         self.batch_size = batch_size
         self.batch_sizes = data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last)
         self.full = n // batch_size  # full batches: the captured step; then the partial one, if kept
-        self.rest = n - self.full * batch_size if len(self.batch_sizes) > self.full else 0
         self.steps = len(self.batch_sizes)
         self.order = torch.arange(n, device=device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
