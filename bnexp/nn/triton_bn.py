@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .functional import _dense_strides
+
 TILE = 2048  # elements per tile on the GPU: 16 per thread with 4 warps
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 8  # S is chosen so that channel blocks * S ~ this many programs per SM (all resident at once)
@@ -218,6 +220,14 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, A, C, B, row_str
 
 
 @triton.jit
+def _grad_and_x_hat(g_ptr, x_ptr, offs, ok, shift_t, delta_t, invstd_t):
+    """A tile of the output gradient g and of x_hat = (x - shift - delta) * invstd, float32 (0 where masked)."""
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return g, (x - shift_t - delta_t) * invstd_t
+
+
+@triton.jit
 def _grad_partials(g_ptr, x_ptr, shift_ptr, delta_ptr, invstd_ptr, part_ptr, A, C, B, row_stride, items,
                    items_per_split, b_blocks, S,
                    ROWS: tl.constexpr, COLS: tl.constexpr, CHANNEL_COLS: tl.constexpr, WIDE: tl.constexpr):
@@ -233,9 +243,7 @@ def _grad_partials(g_ptr, x_ptr, shift_ptr, delta_ptr, invstd_ptr, part_ptr, A, 
     last = tl.minimum(first + items_per_split, items)
     for item in range(first, last):
         offs, ok = _tile(item, rows, cols, base, col_start, col_limit, A, row_stride, b_blocks, ROWS, COLS)
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        x_hat = (x - shift_t - delta_t) * invstd_t
+        g, x_hat = _grad_and_x_hat(g_ptr, x_ptr, offs, ok, shift_t, delta_t, invstd_t)
         sum_g += g
         sum_gx += g * x_hat  # g = 0 where masked
     idx = split * C + param
@@ -271,9 +279,7 @@ def _grad_input(g_ptr, x_ptr, dx_ptr, w_ptr, shift_ptr, delta_ptr, invstd_ptr, p
     last = tl.minimum(first + items_per_split, items)
     for item in range(first, last):
         offs, ok = _tile(item, rows, cols, base, col_start, col_limit, A, row_stride, b_blocks, ROWS, COLS)
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        x_hat = (x - shift_t - delta_t) * invstd_t
+        g, x_hat = _grad_and_x_hat(g_ptr, x_ptr, offs, ok, shift_t, delta_t, invstd_t)
         dx = scale_t * (g - mean_g_t - x_hat * mean_gx_t)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -342,13 +348,6 @@ def choose_tiling(A: int, C: int, B: int, programs: int, tile: int = TILE) -> Ti
     splits = math.ceil(items / items_per_split)  # drop splits that would get no tile
     return Tiling(rows, cols, channel_cols, channel_blocks, b_blocks, items, items_per_split, splits,
                   _next_pow2(splits))
-
-
-def _dense_strides(shape, order) -> tuple[int, ...]:
-    strides, step = [0] * len(shape), 1
-    for dim in order:  # innermost first
-        strides[dim], step = step, step * shape[dim]
-    return tuple(strides)
 
 
 def view_as_acb(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int] | None:
