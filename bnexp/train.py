@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from . import config as C
 from . import data, engine, models, probes
 from .errors import BnexpError
-from .tracking import FINISHED, RunDir, TensorBoardLog, check_writable, git_commit, now_iso, versions
+from .tblog import TensorBoardLog
+from .tracking import FINISHED, RunDir, check_writable, git_commit, now_iso, versions
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
 
@@ -186,7 +187,12 @@ def _progress_bar(cfg, total: int, initial: int):
                 dynamic_ncols=True, disable=None)
 
 
-def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, started: str, **extra) -> dict:
+def _attempt(started: str) -> dict:
+    """What run.json says about this attempt's code: asked once per attempt (git runs a subprocess)."""
+    return {"started": started, "versions": versions(), "git_commit": git_commit()}
+
+
+def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **extra) -> dict:
     rows = state["metrics"]
     last = rows[-1] if rows else None
     return {
@@ -194,10 +200,10 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, started: str, **e
         "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
         "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
         "error": extra.get("error"), "seed": cfg.seed, "device": str(s.device),
-        "config_hash": C.config_hash(cfg), "versions": versions(), "git_commit": git_commit(),
+        "config_hash": C.config_hash(cfg), "versions": attempt["versions"], "git_commit": attempt["git_commit"],
         "execution": {"precision": s.opts.precision, "channels_last": s.opts.channels_last,
                       "cuda_graphs": s.program.use_graphs},
-        "started": started, "ended": extra.get("ended"),
+        "started": attempt["started"], "ended": extra.get("ended"),
         "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
                     "total": round(state["elapsed"], 3)},
     }
@@ -257,10 +263,10 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     state = _resume_state(rd, s, cfg)
     resumed = state["epoch"]
     prior = rd.read_info() or {}
-    started = prior.get("started") if resumed and prior.get("started") else now_iso()
+    attempt = _attempt(prior.get("started") if resumed and prior.get("started") else now_iso())
     samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
     rd.write_config(cfg)
-    rd.write_info(_info(rd, cfg, s, "running", state, started))
+    rd.write_info(_info(rd, cfg, s, "running", state, attempt))
     step0 = sum(state["steps_per_epoch"])
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
     probe_x = engine.model_input(s.test.x[:PROBE_BATCH], s.model.input_size, s.opts.channels_last)
@@ -276,8 +282,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             ep = train_epoch(s, cfg, epoch, bar)
             step_losses = ep["losses"].tolist()
             lr = s.optimizer.param_groups[0]["lr"]
-            for j, (v, a) in enumerate(zip(step_losses, ep["step_acc"].tolist()), start=step0 + 1):
-                tb.scalars({"train/loss_step": v, "train/acc_step": a, "train/lr_step": lr}, j)
+            tb.step_scalars(step0 + 1, {"train/loss_step": step_losses, "train/acc_step": ep["step_acc"].tolist(),
+                                        "train/lr_step": [lr] * len(step_losses)})
             state["losses"] += step_losses
             state["steps_per_epoch"].append(len(step_losses))
             step0 += len(step_losses)
@@ -300,16 +306,18 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             _checkpoint(rd, s, cfg, state)
             rd.write_metrics(state["metrics"])
             rd.write_steps(state["losses"], state["steps_per_epoch"])
-            rd.write_info(_info(rd, cfg, s, "running", state, started))
+            rd.write_info(_info(rd, cfg, s, "running", state, attempt))
+            tb.flush()  # TensorBoard shows the epoch now
         else:
             status = "completed"
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
         state["elapsed"] = time.perf_counter() - t_start
         (rd.path / "error.log").write_text(traceback.format_exc())
-        rd.write_info(_info(rd, cfg, s, "failed", state, started, error=f"{type(e).__name__}: {e}",
+        rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
                             ended=now_iso()))
         raise
     finally:
+        tb.flush()
         if bar is not None:
             bar.close()
     state["elapsed"] = time.perf_counter() - t_start
@@ -317,7 +325,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     rd.write_steps(state["losses"], state["steps_per_epoch"])
     if samples:
         rd.write_activations(samples)
-    info = _info(rd, cfg, s, status, state, started, ended=now_iso())
+    info = _info(rd, cfg, s, status, state, attempt, ended=now_iso())
     rd.write_info(info)
     hp = {k: v for k, v in C.flatten(OmegaConf.to_container(cfg)).items() if k not in C.NON_IDENTITY_KEYS}
     tb.hparams(hp, {f"hparam/{k}": (v if v is not None else float("nan"))

@@ -167,6 +167,14 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     assert numbers(read_csv(run / "metrics.csv")) == numbers(read_csv(other / "metrics.csv"))
     assert (run / "steps.csv").read_text() == (other / "steps.csv").read_text()
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    # TensorBoard shows every step once, with the uninterrupted run's values (the killed attempt's
+    # points after its checkpoint are purged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def tb_points(r):
+        acc = EventAccumulator(str(r), size_guidance={"scalars": 0}).Reload()
+        return [(e.step, round(e.value, 5)) for e in acc.Scalars("train/loss_step")]
+    assert tb_points(run) == tb_points(other) and len(tb_points(run)) == 3 * 200
 
 
 def test_cifar100_models_train(capsys, synth_data_dir, tmp_path):
