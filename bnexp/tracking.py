@@ -97,6 +97,7 @@ class RunDir:
         self.run_id = run_id
         self.path = Path(results_dir) / "runs" / run_id
         self._lock = FileLock(str(self.path / ".lock"), timeout=0)
+        self._step_lines: list[str] = []  # steps.csv lines written so far by this attempt
 
     # -- locking: one process trains a run at a time (two sweeps over one grid never collide)
     def acquire(self) -> bool:
@@ -133,12 +134,16 @@ class RunDir:
         atomic_write_text(self.path / "metrics.csv", text)
 
     def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
-        rows, step = [], 0
+        """steps.csv (step, epoch, loss), rewritten whole after every epoch. The lines of earlier
+        epochs are formatted once and kept, so a long run's epochs do not slow down as it grows."""
+        lines = self._step_lines
+        if len(lines) > len(losses):  # the losses are append-only within an attempt; start over if not
+            lines.clear()
+        step = 0
         for epoch, n in enumerate(steps_per_epoch, start=1):
-            for loss in losses[step:step + n]:
-                step += 1
-                rows.append((step, epoch, f"{loss:.6g}"))
-        atomic_write_text(self.path / "steps.csv", csv_text(("step", "epoch", "loss"), rows))
+            lines += (f"{i + 1},{epoch},{losses[i]:.6g}\n" for i in range(max(step, len(lines)), step + n))
+            step += n
+        atomic_write_text(self.path / "steps.csv", "step,epoch,loss\n" + "".join(lines))
 
     def write_activations(self, samples: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
