@@ -205,12 +205,15 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
                       "cuda_graphs": s.program.use_graphs},
         "started": attempt["started"], "ended": extra.get("ended"),
         "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
+                    "eval": round(state["eval_seconds"], 3),
+                    "probes": round(state["probe_seconds"], 3),
                     "total": round(state["elapsed"], 3)},
     }
 
 
 def _fresh_state() -> dict:
-    return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None}
+    return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None,
+            "eval_seconds": 0.0, "probe_seconds": 0.0}
 
 
 def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
@@ -223,7 +226,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
-    return ckpt["state"]
+    return {**_fresh_state(), **ckpt["state"]}  # a checkpoint from an older bnexp may lack newer keys
 
 
 def _checkpoint(rd: RunDir, s: Setup, cfg, state: dict) -> None:
@@ -259,6 +262,14 @@ def _skipped(rd: RunDir) -> RunResult:
                      epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
 
 
+def _probe(s: Setup, state: dict, probe_x, epoch: int, step: int, samples: dict, tb) -> None:
+    """Record the activation probes of `epoch` and count the time they take."""
+    t0 = time.perf_counter()
+    with engine.autocast(s.device, s.opts.precision):
+        probes.record(s.model, probe_x, epoch, step, samples, tb)
+    state["probe_seconds"] += time.perf_counter() - t0
+
+
 def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     state = _resume_state(rd, s, cfg)
     resumed = state["epoch"]
@@ -276,8 +287,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     status = "running"
     try:
         if resumed == 0:
-            with engine.autocast(s.device, s.opts.precision):
-                probes.record(s.model, probe_x, 0, 0, samples, tb)
+            _probe(s, state, probe_x, 0, 0, samples, tb)
         for epoch in range(resumed + 1, cfg.epochs + 1):
             ep = train_epoch(s, cfg, epoch, bar)
             step_losses = ep["losses"].tolist()
@@ -291,15 +301,16 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                 state["diverged_at"] = {"epoch": epoch, "step": step0}
                 status = "diverged"
                 break
+            t_eval = time.perf_counter()
             test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
+            state["eval_seconds"] += time.perf_counter() - t_eval
             row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
                    "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
                    "lr": s.optimizer.param_groups[0]["lr"], "seconds": round(ep["seconds"], 4)}
             state["metrics"].append(row)
             tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
             if epoch in probe_at:
-                with engine.autocast(s.device, s.opts.precision):
-                    probes.record(s.model, probe_x, epoch, step0, samples, tb)
+                _probe(s, state, probe_x, epoch, step0, samples, tb)
                 rd.write_activations(samples)
             state["epoch"] = epoch
             state["elapsed"] = time.perf_counter() - t_start

@@ -59,6 +59,9 @@ def test_train_writes_the_results_contract(capsys, fm_args, tmp_path):
     assert set(info["versions"]) == {"python", "torch", "torchvision", "bnexp"}
     assert info["git_commit"] is None or len(info["git_commit"]) >= 40
     assert info["started"] <= info["ended"]
+    sec = info["seconds"]
+    assert set(sec) == {"train", "eval", "probes", "total"} and min(sec.values()) > 0
+    assert sec["train"] + sec["eval"] + sec["probes"] <= sec["total"]
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # the synthetic data is learnable
