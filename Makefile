@@ -23,8 +23,8 @@ test: setup  ## run the test suite (CPU; real-data tests read BNEXP_DATA_DIR, de
 test-fast: setup  ## only the fast tests (no slow, no real data)
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
-bench: setup  ## benchmarks on this machine: BN layer and training epoch vs plain PyTorch
-	$(BIN)/bnexp bench bn epoch
+bench: setup  ## benchmarks on this machine: BN layer, training epoch and TensorBoard logging vs plain PyTorch
+	$(BIN)/bnexp bench bn epoch log
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache build *.egg-info

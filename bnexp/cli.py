@@ -210,13 +210,14 @@ class BenchName(str, Enum):
     epoch = "epoch"
     sweep = "sweep"
     report = "report"
+    log = "log"
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
-                    "  bnexp bench epoch --device cuda --precision bf16")
+                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log")
 def bench(
-    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch)."),
+    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "

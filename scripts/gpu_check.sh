@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks CI cannot run (it has no GPU): BN parity (Triton, compiled, eager) and CUDA-graph
 # training on the device, the BN benchmark per backend and layout, the epoch benchmark (CUDA graphs
-# on and off, fp32 and bf16), and the lr_sensitivity preset with 1 and 4 parallel jobs.
+# on and off, fp32 and bf16), TensorBoard logging, and the lr_sensitivity preset with 1 and 4 parallel jobs.
 # Usage: BNEXP_DATA_DIR=/path/to/data scripts/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 out="${1:-results/bench}"
@@ -13,6 +13,7 @@ py="${PYTHON:-python3}"
 "$py" -m bnexp bench bn --device cuda --backends triton,compiled --channels-last --out "$out/channels_last"
 "$py" -m bnexp bench epoch --device cuda --out "$out"
 "$py" -m bnexp bench epoch --device cuda --precision bf16 --channels-last --out "$out/bf16"
+"$py" -m bnexp bench log --device cuda --out "$out"
 for jobs in 4 1; do
     tmp=$(mktemp -d)
     start=$(date +%s.%N)

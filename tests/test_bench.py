@@ -36,3 +36,14 @@ def test_bench_rejects_bad_options(capsys, tmp_path, args, msg):
     assert main(["bench", "bn", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_log_benchmark_times_both_writers_through_the_cli(capsys, tmp_path):
+    assert main(["bench", "log", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "log-cpu.json").read_text())
+    assert [r["case"] for r in result["rows"]] == ["step scalars", "histograms"]
+    for r in result["rows"]:
+        assert r["bnexp_ms"] > 0 and r["torch_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bnexp_ms"], rel=0.01)
+    assert "SummaryWriter ms" in out and "step scalars" in out
