@@ -314,11 +314,13 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                 rd.write_activations(samples)
             state["epoch"] = epoch
             state["elapsed"] = time.perf_counter() - t_start
+            # The epoch's events reach disk before the checkpoint that marks the epoch done: a kill between
+            # the two replays the epoch, and the resumed attempt's purge hides the replayed steps' first copy.
+            tb.flush()
             _checkpoint(rd, s, cfg, state)
             rd.write_metrics(state["metrics"])
             rd.write_steps(state["losses"], state["steps_per_epoch"])
             rd.write_info(_info(rd, cfg, s, "running", state, attempt))
-            tb.flush()  # TensorBoard shows the epoch now
         else:
             status = "completed"
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller

@@ -172,12 +172,68 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
     # TensorBoard shows every step once, with the uninterrupted run's values (the killed attempt's
     # points after its checkpoint are purged)
+    assert tb_points(run) == tb_points(other) and len(tb_points(run)) == 3 * 200
+
+
+def tb_points(run: Path, tag: str = "train/loss_step") -> list[tuple]:
+    """The scalar points TensorBoard's own loader shows for `tag`, after its purge of orphaned steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def tb_points(r):
-        acc = EventAccumulator(str(r), size_guidance={"scalars": 0}).Reload()
-        return [(e.step, round(e.value, 5)) for e in acc.Scalars("train/loss_step")]
-    assert tb_points(run) == tb_points(other) and len(tb_points(run)) == 3 * 200
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)]
+
+
+# Dies (as kill -9 would: no finally blocks, no buffered writes) just before or just after the
+# checkpoint of the given epoch, then runs the CLI.
+DIE_AT_CHECKPOINT = """
+import os, sys
+import bnexp.train as T
+when, epoch = sys.argv.pop(1), int(sys.argv.pop(1))
+orig = T._checkpoint
+def checkpoint(rd, s, cfg, state):
+    if state["epoch"] == epoch and when == "before":
+        os._exit(9)
+    orig(rd, s, cfg, state)
+    if state["epoch"] == epoch and when == "after":
+        os._exit(9)
+T._checkpoint = checkpoint
+from bnexp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """CLI arguments of a 3-epoch, 50-step-per-epoch run, and that run done without interruption."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    synth.write_fashion_mnist(root / "data", n_train=400, n_test=50)
+    args = ["train", f"data_dir={root / 'data'}", "epochs=3", "batch_size=8", "progress=false", "norm=torch"]
+    clean = subprocess.run([sys.executable, "-m", "bnexp", *args, f"results_dir={root / 'clean'}"],
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    return args, only_run(root / "clean")
+
+
+@pytest.mark.parametrize("when, epoch, resumed_after", [("after", 1, 1), ("before", 2, 1)])
+def test_kill_next_to_a_checkpoint_keeps_tensorboard_whole(tmp_path, uninterrupted, when, epoch, resumed_after):
+    """A kill right after a checkpoint must find that epoch's events on disk; a kill right before
+    one replays the epoch, and TensorBoard must show the replayed steps once."""
+    args, other = uninterrupted
+    results = tmp_path / "killed"
+    died = subprocess.run([sys.executable, "-c", DIE_AT_CHECKPOINT, when, str(epoch), *args,
+                           f"results_dir={results}"], capture_output=True, text=True)
+    assert died.returncode == 9, died.stderr
+    run = only_run(results)
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    resumed = subprocess.run([sys.executable, "-m", "bnexp", *args, f"results_dir={results}"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed after epoch {resumed_after}" in resumed.stdout
+    assert numbers(read_csv(run / "metrics.csv")) == numbers(read_csv(other / "metrics.csv"))
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one file per attempt
+    for tag in ("train/loss_step", "epoch/test_acc"):
+        assert tb_points(run, tag) == tb_points(other, tag)
+    assert [s for s, _ in tb_points(run)] == list(range(1, 3 * 50 + 1))
 
 
 def test_cifar100_models_train(capsys, synth_data_dir, tmp_path):
