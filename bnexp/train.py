@@ -306,7 +306,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             state["eval_seconds"] += time.perf_counter() - t_eval
             row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
                    "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
-                   "lr": s.optimizer.param_groups[0]["lr"], "seconds": round(ep["seconds"], 4)}
+                   "lr": lr, "seconds": round(ep["seconds"], 4)}
             state["metrics"].append(row)
             tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
             if epoch in probe_at:
