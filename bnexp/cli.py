@@ -149,6 +149,8 @@ def sweep(
     plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
+    if note := S.oversubscription(plan, jobs, launcher.value):
+        typer.echo(note, err=True)
     if dry_run:
         for p in plan.points:
             typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
@@ -173,7 +175,7 @@ def summary_line(r) -> str:
         extra = f" (non-finite loss at epoch {d['epoch']}, step {d['step']})"
     elif r.status == "skipped":
         extra = f" ({r.message}; --force retrains)"
-    elif r.status == "busy":
+    elif r.status in ("busy", "failed") and r.message:
         extra = f" ({r.message})"
     elif r.extra.get("resumed_from"):
         extra = f" (resumed after epoch {r.extra['resumed_from']})"

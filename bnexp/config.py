@@ -27,11 +27,16 @@ ALIASES = {"optimizer": "optim"}
 # probe_every stays in the identity: it changes which activation histograms a run holds.
 # channels_last and cuda_graphs change kernels, not the computation (like device): same numbers
 # up to floating-point reassociation. precision does change the numbers; see `identity`.
-NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_last", "cuda_graphs")
+# threads and norm.backend do change the numbers, but they say how a run computes, not what: they are
+# recorded in run.json's `execution` block, and a resume under other values is refused (execution.py).
+NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_last", "cuda_graphs", "threads",
+                     "norm.backend")
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
 HASH_DEFAULTS = {"precision": "fp32"}
 
+# bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
+BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -62,6 +67,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "cuda_graphs": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "threads": (lambda v: v == "auto" or _positive_int(v), "auto or a positive integer"),
     "model.name": (lambda v: isinstance(v, str), "a model name"),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
     "data.name": (lambda v: isinstance(v, str), "a data set name"),
@@ -70,6 +76,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.eps": (lambda v: _number(v) and v > 0, "a positive number"),
     "norm.momentum": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
     "norm.biased_running_var": (lambda v: isinstance(v, bool), "true or false"),
+    "norm.backend": (lambda v: v in BN_BACKENDS, " or ".join(BN_BACKENDS)),
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),
@@ -107,6 +114,11 @@ def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
         v = flat.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
             flat[key] = float(v)
+    threads = flat.get("threads")
+    if isinstance(threads, str) and threads.strip().isdigit():  # from $BNEXP_THREADS-style interpolations
+        flat["threads"] = int(threads)
+    if isinstance(flat.get("norm.backend"), str):
+        flat["norm.backend"] = flat["norm.backend"].strip().lower()
     if isinstance(flat.get("cuda_graphs"), bool):  # YAML reads on/off as booleans
         flat["cuda_graphs"] = "on" if flat["cuda_graphs"] else "off"
     for key in ("drop_last", "progress", "channels_last", "data.verify", "norm.biased_running_var"):
@@ -213,7 +225,11 @@ def identity(cfg: DictConfig) -> dict:
     """The part of the config that determines the numbers a run produces."""
     d = OmegaConf.to_container(cfg)
     for key in NON_IDENTITY_KEYS:
-        d.pop(key, None)
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
     for key, default in HASH_DEFAULTS.items():
         if d.get(key) == default:
             d.pop(key)

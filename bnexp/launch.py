@@ -3,8 +3,10 @@
 Each launcher trains `train.run(cfg)` for every task and yields (index, RunResult) as runs
 finish; a run that raises becomes a 'failed' result, so one crash never stops the others.
 Workers start in the submitting process's directory with its BNEXP_* environment (a cluster
-node may start elsewhere), take an equal share of the CPU cores, and with several GPUs each
-worker process gets its own (CUDA_VISIBLE_DEVICES, round-robin), set before CUDA starts there.
+node may start elsewhere), and with several GPUs each worker process gets its own
+(CUDA_VISIBLE_DEVICES, round-robin), set before CUDA starts there. The CPU thread count is not
+the launcher's business: each run sets its own from its config (execution.py), so a run's numbers
+do not depend on --jobs or on the launcher.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ from .errors import BnexpError
 LAUNCHERS = ("local", "joblib", "submitit")
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_jobs(launcher: str, n_runs: int) -> int:
     """--jobs when not given: 1 locally, one per core with joblib, all at once on a cluster."""
     if launcher == "joblib":
+        from .execution import cpu_cores
+
         return cpu_cores()
     if launcher == "submitit":
         return max(1, n_runs)  # the cluster's scheduler decides what runs when
@@ -69,27 +69,20 @@ class Task:
     cfg: object
     cwd: str
     env: dict
-    threads: int | None = None
     gpus: list[str] = field(default_factory=list)  # pin this process to gpus[slot % len] if non-empty
 
 
-_pinned = False  # whether this worker process already chose its GPU / thread count
+_pinned = False  # whether this worker process already chose its GPU
 
 
-def _setup_worker(threads: int | None, gpus: list[str], slot: int) -> None:
-    """Once per process, before CUDA starts: own GPU (round-robin), a share of the CPU cores."""
+def _setup_worker(gpus: list[str], slot: int) -> None:
+    """Once per process, before CUDA starts: its own GPU (round-robin)."""
     global _pinned
     if _pinned:
         return
     _pinned = True
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # on a cluster, the allocation decides
-        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _failed(cfg, message: str):
@@ -114,12 +107,12 @@ def execute(task: Task):
     if os.getcwd() != task.cwd:
         os.chdir(task.cwd)  # relative results_dir/data_dir mean the same as where the sweep started
     os.environ.update(task.env)
-    _setup_worker(task.threads, task.gpus, task.index)
+    _setup_worker(task.gpus, task.index)
     return run_point(task.cfg)
 
 
-def _init_pool_worker(threads: int | None, gpus: list[str], counter) -> None:
-    """Pool initializer: die with the parent (Linux), take the next GPU slot and a thread share."""
+def _init_pool_worker(gpus: list[str], counter) -> None:
+    """Pool initializer: die with the parent (Linux), take the next GPU slot."""
     try:
         import ctypes
         import signal
@@ -130,7 +123,7 @@ def _init_pool_worker(threads: int | None, gpus: list[str], counter) -> None:
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
-    _setup_worker(threads, gpus, slot)
+    _setup_worker(gpus, slot)
 
 
 class SubmititCall:
@@ -160,7 +153,7 @@ def _launch_pool(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
 
     ctx = mp.get_context("spawn")  # fork after torch threads / CUDA is unsafe
     ex = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_pool_worker,
-                             initargs=(tasks[0].threads, tasks[0].gpus, ctx.Value("i", 0)))
+                             initargs=(tasks[0].gpus, ctx.Value("i", 0)))
     try:
         futures = {ex.submit(run_point, t.cfg): t for t in tasks}
         for f in as_completed(futures):

@@ -198,6 +198,23 @@ def describe(pl: Plan) -> str:
     return "\n".join(lines)
 
 
+def oversubscription(pl: Plan, jobs: int | None, launcher: str) -> str | None:
+    """A hint when parallel CPU runs ask for more threads than this machine has cores (it cannot
+    lower them itself: a run's thread count is part of how its numbers are computed)."""
+    from .execution import cpu_cores, resolve_threads
+
+    jobs = jobs or L.default_jobs(launcher, len(pl.points))
+    workers = min(jobs, len(pl.points))
+    if launcher == "submitit" or workers < 2:
+        return None
+    threads = max((resolve_threads(p.cfg.threads) for p in pl.points if p.cfg.device in ("cpu", "auto")), default=0)
+    if workers * threads <= cpu_cores():
+        return None
+    return (f"note: {workers} runs at once x {threads} threads each oversubscribe this machine's {cpu_cores()} cores; "
+            f"threads={max(1, cpu_cores() // workers)} is faster (a run's thread count can change its numbers, so "
+            f"bnexp does not lower it by itself; see `threads` in README)")
+
+
 def format_presets() -> str:
     """One line per preset: name, number of runs, description."""
     lines = []
@@ -245,11 +262,9 @@ def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", option
         raise BnexpError(f"unknown launcher '{launcher}'; choose one of: {', '.join(L.LAUNCHERS)}")
     jobs = jobs or L.default_jobs(launcher, len(pl.points))
     name = "serial" if launcher == "local" and jobs == 1 else launcher
-    workers = min(jobs, max(1, len(pl.points)))
-    threads = None if name == "serial" else max(1, L.cpu_cores() // workers)  # split the cores between workers
     gpus = L.visible_gpus([p.cfg.device for p in pl.points]) if name != "serial" else []
-    env = {k: v for k, v in os.environ.items() if k.startswith("BNEXP_")}
-    tasks = [L.Task(i, p.cfg, os.getcwd(), env, threads, gpus) for i, p in enumerate(pl.points)]
+    env = {k: v for k, v in os.environ.items() if k.startswith("BNEXP_") or k == "OMP_NUM_THREADS"}
+    tasks = [L.Task(i, p.cfg, os.getcwd(), env, gpus) for i, p in enumerate(pl.points)]
     results: list = [None] * len(tasks)
     t0 = time.perf_counter()
 

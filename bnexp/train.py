@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from . import config as C
-from . import data, engine, models, probes
+from . import data, engine, execution, models, probes
 from .errors import BnexpError
 from .tblog import TensorBoardLog
 from .tracking import FINISHED, RunDir, check_writable, git_commit, now_iso, versions
@@ -80,6 +80,15 @@ class Setup:
     optimizer: torch.optim.Optimizer
     opts: engine.ExecOptions
     program: engine.StepProgram
+    execution: dict  # execution.record(): the settings that can change the numbers (run.json, checkpoint)
+
+    @property
+    def threads(self) -> int:
+        return self.execution["threads"]
+
+    @property
+    def bn_backend(self) -> str | None:
+        return self.execution["bn_backend"]
 
 
 def check_sizes(cfg, n_train: int, n_test: int) -> None:
@@ -113,8 +122,15 @@ def load_data(cfg, device) -> tuple[data.Split, data.Split]:
 
 
 def prepare(cfg) -> Setup:
-    """Everything that can fail on bad input, before any training step: device, data, model."""
+    """Everything that can fail on bad input, before any training step: device, data, model, and the
+    execution settings (thread count, pinned BN backend) the run's numbers depend on."""
     device = resolve_device(cfg.device)
+    threads = execution.resolve_threads(cfg.threads)
+    with execution.applied(threads, None):
+        return _prepare(cfg, device, threads)
+
+
+def _prepare(cfg, device: torch.device, threads: int) -> Setup:
     train, test = load_data(cfg, device)
     torch.manual_seed(cfg.seed)  # model init
     norm_kwargs = {} if cfg.norm.kind == "none" else {"eps": cfg.norm.eps, "momentum": cfg.norm.momentum}
@@ -127,9 +143,13 @@ def prepare(cfg) -> Setup:
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     graphs = use_graphs(cfg, device)
+    example = engine.model_input(train.x[:2], model.input_size, opts.channels_last)
+    bn_backend = execution.pin_bn_backend(model, cfg.norm.backend, example,
+                                          lambda: engine.autocast(device, opts.precision))
     optimizer = build_optimizer(cfg, model.parameters(), capturable=graphs)
     program = engine.StepProgram(model, optimizer, train, cfg.batch_size, cfg.drop_last, device, opts, graphs)
-    return Setup(device, train, test, model, optimizer, opts, program)
+    record = execution.record(device, threads, bn_backend, opts, program.use_graphs)
+    return Setup(device, train, test, model, optimizer, opts, program, record)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -201,8 +221,7 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
         "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
         "error": extra.get("error"), "seed": cfg.seed, "device": str(s.device),
         "config_hash": C.config_hash(cfg), "versions": attempt["versions"], "git_commit": attempt["git_commit"],
-        "execution": {"precision": s.opts.precision, "channels_last": s.opts.channels_last,
-                      "cuda_graphs": s.program.use_graphs},
+        "execution": s.execution,
         "started": attempt["started"], "ended": extra.get("ended"),
         "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
                     "eval": round(state["eval_seconds"], 3),
@@ -217,10 +236,14 @@ def _fresh_state() -> dict:
 
 
 def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
-    """Restore model, optimiser and RNG from the last checkpoint, if it belongs to this config."""
+    """Restore model, optimiser and RNG from the last checkpoint, if it belongs to this config; refuse
+    (BnexpError, nothing written) if it was taken under other execution settings."""
     ckpt = rd.load_checkpoint()
     if ckpt is None or ckpt.get("config_hash") != C.config_hash(cfg):
         return _fresh_state()
+    refused = execution.mismatch(rd.run_id, ckpt.get("execution"), s.execution)
+    if refused:
+        raise refused
     s.model.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -232,7 +255,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
 def _checkpoint(rd: RunDir, s: Setup, cfg, state: dict) -> None:
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}
-    rd.save_checkpoint({"config_hash": C.config_hash(cfg), "model": s.model.state_dict(),
+    rd.save_checkpoint({"config_hash": C.config_hash(cfg), "execution": s.execution, "model": s.model.state_dict(),
                         "optimizer": s.optimizer.state_dict(), "rng": rng, "state": state})
 
 
@@ -251,7 +274,8 @@ def run(cfg, force: bool = False) -> RunResult:
             return _skipped(rd)
         if force:
             rd.clear()
-        return _train(cfg, rd, s)
+        with execution.applied(s.threads, s.bn_backend):
+            return _train(cfg, rd, s)
     finally:
         rd.release()
 

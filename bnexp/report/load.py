@@ -25,7 +25,8 @@ FINAL_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 STEPS_COLUMNS = ("step", "epoch", "loss")
 # Config keys that say where or how a run ran, not what was trained: ignored when grouping.
-NOT_DEFINING = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every", "data.verify")
+NOT_DEFINING = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every", "data.verify",
+                "channels_last", "cuda_graphs", "threads", "norm.backend")
 CREATE_HINT = "create runs with `bnexp train` or `bnexp sweep` (e.g. `bnexp sweep --preset lr_sensitivity`)"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

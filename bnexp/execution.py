@@ -1,0 +1,142 @@
+"""How a run computes: every execution setting that can change its numbers, fixed per run and recorded.
+
+Two runs of one config give bit-identical numbers only if they also run the same kernels in the
+same order of floating-point operations. On a CPU the intra-op thread count changes how a
+convolution's reductions are split (FashionMNIST LeNet5, 2 epochs: test_acc 0.8145 with one
+thread, 0.8223 with two, same seed); so does the batch-norm backend (compiled vs eager), and on a
+GPU the TF32 and cuDNN flags and the GPU model. So these are chosen from the run's config and the
+machine alone, never from how the run was launched (`bnexp train`, `bnexp sweep --jobs N`, a
+launcher), and they are written to run.json and the checkpoint as `execution`. A resume whose
+settings differ from the checkpoint's is refused (`mismatch`), never silently mixed.
+
+    threads=auto   $OMP_NUM_THREADS if set, else the CPU cores this process may run on
+    threads=N      exactly N intra-op threads
+    norm.backend   the bnexp batch-norm backend asked for (default $BNEXP_BN_BACKEND, else auto);
+                   `auto` is resolved before the first training step (its kernels are compiled on
+                   a copy of the model), then pinned for the whole run, so a compilation failure
+                   can no longer switch backends mid-run: it fails the run instead
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BnexpError
+from .nn import functional as bn_functional
+from .nn.batchnorm import _BatchNorm
+
+# Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
+COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
+            "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "cudnn_allow_tf32",
+            "matmul_allow_tf32", "float32_matmul_precision", "torch")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_threads(spec) -> int:
+    """`threads` config value -> the intra-op thread count of the run."""
+    if spec != "auto":
+        return int(spec)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return cpu_cores()
+
+
+@lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
+def uses_bnexp_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor, precision_ctx) -> str | None:
+    """Resolve `requested` ('auto' included) to the backend that runs this model's batch norms.
+
+    A forward and backward pass of a throw-away copy of the model on two samples of `example`
+    compiles every kernel the run's training steps need (their signature is dtype, rank and
+    layout, not the batch size), so an `auto` fallback happens here, before the first step, and
+    the answer is final. No state of `model`, no random stream and no optimiser is touched.
+    Returns None for a model without bnexp batch-norm layers.
+    """
+    if not uses_bnexp_bn(model):
+        return None
+    with bn_functional.use_backend(requested):
+        if requested in ("auto", "compiled", "triton"):
+            twin = copy.deepcopy(model).train()
+            devices = [example.device] if example.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), precision_ctx():
+                out = twin(example[:2])
+                F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)).backward()
+            del twin
+        return bn_functional.resolved_backend(example.device)
+
+
+def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool) -> dict:
+    """The execution settings of this process for a run, as written to run.json and the checkpoint."""
+    cudnn = torch.backends.cudnn
+    return {
+        "device_type": device.type, "device_name": device_name(device), "threads": threads,
+        "bn_backend": bn_backend, "precision": opts.precision, "channels_last": opts.channels_last,
+        "cuda_graphs": use_graphs,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(cudnn.deterministic), "cudnn_benchmark": bool(cudnn.benchmark),
+        "cudnn_allow_tf32": bool(cudnn.allow_tf32), "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(), "torch": torch.__version__,
+    }
+
+
+# Config keys that choose a setting, for the message that says how to resume.
+_HOW = {"threads": "threads={}", "bn_backend": "norm.backend={}", "precision": "precision={}",
+        "channels_last": "channels_last={}"}
+
+
+def mismatch(run_id: str, saved: dict | None, current: dict) -> BnexpError | None:
+    """None if a checkpoint taken under `saved` may be resumed under `current`, else the error to raise."""
+    if saved is None:
+        return BnexpError(f"run {run_id} has a checkpoint from an older bnexp that did not record its execution "
+                          "settings, so resuming could mix two; rerun with --force to retrain it")
+    diffs = [k for k in COMPARED if saved.get(k) != current.get(k)]
+    if not diffs:
+        return None
+    what = ", ".join(f"{k} {saved.get(k)!r} then, {current.get(k)!r} now" for k in diffs)
+    fixes = [_HOW[k].format(str(saved[k]).lower() if isinstance(saved[k], bool) else saved[k])
+             for k in diffs if k in _HOW and saved.get(k) is not None]
+    how = f"rerun with {' '.join(fixes)} to resume it, or " if len(fixes) == len(diffs) else ""
+    return BnexpError(f"run {run_id} was started under other execution settings ({what}); resuming would mix "
+                      f"two computations: {how}rerun with --force to retrain it")
+
+
+@contextlib.contextmanager
+def applied(threads: int, bn_backend: str | None):
+    """Run the block with `threads` intra-op threads and the pinned backend; restore both afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with (bn_functional.use_backend(bn_backend) if bn_backend else contextlib.nullcontext()):
+            yield
+    finally:
+        torch.set_num_threads(previous)
