@@ -28,7 +28,8 @@ def _config_keys_help() -> str:
         m = re.match(r"^(\w+):\s*(\S+)\s*#\s*(.*)$", line)
         if m:
             lines.append(f"  {m.group(1) + '=' + m.group(2):<22} {m.group(3)}")
-    groups = "  model=lenet5|alexnet|alexnet_cifar  data=fashion_mnist|cifar100  norm=bn|torch|none  optim=sgd|adam"
+    groups = "  " + "  ".join(f"{g}={'|'.join(sorted(p.stem for p in (CONF_DIR / g).glob('*.yaml')))}"
+                              for g in ("model", "data", "norm", "optim"))
     return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
                       "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
                       "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])

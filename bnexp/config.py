@@ -33,7 +33,8 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
                      "norm.backend")
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
-HASH_DEFAULTS = {"precision": "fp32"}
+HASH_DEFAULTS = {"precision": "fp32", "model.activation": "relu", "model.pool": "max",
+                 "model.norm_position": "before", "model.init": "default"}
 
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
 BN_BACKENDS = ("auto", "compiled", "eager", "triton")
@@ -70,6 +71,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threads": (lambda v: v == "auto" or _positive_int(v), "auto or a positive integer"),
     "model.name": (lambda v: isinstance(v, str), "a model name"),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
+    "model.activation": (lambda v: v in ("relu", "sigmoid", "tanh"), "relu, sigmoid or tanh"),
+    "model.pool": (lambda v: v in ("max", "avg", None), "max, avg or null (networks without pooling)"),
+    "model.norm_position": (lambda v: v in ("before", "after"), "before or after (the nonlinearity)"),
+    "model.init": (lambda v: v in ("default", "xavier", "gaussian"), "default, xavier or gaussian"),
     "data.name": (lambda v: isinstance(v, str), "a data set name"),
     "data.verify": (lambda v: isinstance(v, bool), "true or false"),
     "norm.kind": (lambda v: v in ("bn", "torch", "none"), "bn, torch or none"),
@@ -221,18 +226,24 @@ def from_yaml(path: Path) -> DictConfig:
 
 # ----------------------------------------------------------------------------- run identity
 
+def _parent(d: dict, dotted: str) -> tuple[dict, str]:
+    """The dict holding `dotted`'s leaf ({} if a parent is missing) and the leaf's name."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    return d, leaf
+
+
 def identity(cfg: DictConfig) -> dict:
     """The part of the config that determines the numbers a run produces."""
     d = OmegaConf.to_container(cfg)
     for key in NON_IDENTITY_KEYS:
-        *parents, leaf = key.split(".")
-        node = d
-        for p in parents:
-            node = node.get(p, {})
+        node, leaf = _parent(d, key)
         node.pop(leaf, None)
     for key, default in HASH_DEFAULTS.items():
-        if d.get(key) == default:
-            d.pop(key)
+        node, leaf = _parent(d, key)
+        if leaf in node and node[leaf] == default:
+            node.pop(leaf)
     if d["norm"]["kind"] == "none":  # no norm layers: their settings cannot change the numbers
         d["norm"] = {"kind": "none"}
     return d

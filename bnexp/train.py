@@ -136,9 +136,10 @@ def _prepare(cfg, device: torch.device, threads: int) -> Setup:
     norm_kwargs = {} if cfg.norm.kind == "none" else {"eps": cfg.norm.eps, "momentum": cfg.norm.momentum}
     if cfg.norm.kind == "bn":
         norm_kwargs["biased_running_var"] = cfg.norm.biased_running_var
+    arch = models.Arch(cfg.model.activation, cfg.model.pool, cfg.model.norm_position, cfg.model.init)
     model = models.build_model(cfg.model.name, cfg.norm.kind, num_classes=train.num_classes,
                                in_channels=train.x.shape[1], image_size=train.x.shape[-1],
-                               dropout=cfg.model.dropout, **norm_kwargs).to(device)
+                               dropout=cfg.model.dropout, arch=arch, **norm_kwargs).to(device)
     opts = engine.ExecOptions.from_cfg(cfg)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)

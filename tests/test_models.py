@@ -134,8 +134,8 @@ def test_bn_and_torch_models_share_state_dict_keys():
 
 
 def test_registry_and_factory_errors():
-    assert set(MODELS) == {"lenet5", "alexnet", "alexnet_cifar"}
-    with pytest.raises(BnexpError, match="unknown model 'resnet'.*lenet5, alexnet, alexnet_cifar"):
+    assert set(MODELS) == {"lenet5", "lenet5_d2l", "mlp_ioffe", "alexnet", "alexnet_cifar"}
+    with pytest.raises(BnexpError, match="unknown model 'resnet'.*lenet5, lenet5_d2l, mlp_ioffe, alexnet"):
         build_model("resnet", "torch", 10, 1, 28)
     with pytest.raises(BnexpError, match="unknown norm kind"):
         build_model("lenet5", "layernorm", 10, 1, 28)
