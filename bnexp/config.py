@@ -24,7 +24,8 @@ CONF_DIR = Path(__file__).parent / "conf"
 ALIASES = {"optimizer": "optim"}
 
 # Keys that say where or how a run executes, not what is trained: excluded from the run id.
-# probe_every stays in the identity: it changes which activation histograms a run holds.
+# probe_every and eval_every stay in the identity: they change which records (activation histograms,
+# mid-epoch test accuracies) a run holds, though not its training numbers.
 # channels_last and cuda_graphs change kernels, not the computation (like device): same numbers
 # up to floating-point reassociation. precision does change the numbers; see `identity`.
 # threads and norm.backend do change the numbers, but they say how a run computes, not what: they are
@@ -33,7 +34,7 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
                      "norm.backend")
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
-HASH_DEFAULTS = {"precision": "fp32", "model.activation": "relu", "model.pool": "max",
+HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "model.activation": "relu", "model.pool": "max",
                  "model.norm_position": "before", "model.init": "default"}
 
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
@@ -64,6 +65,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "test_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
     "drop_last": (lambda v: isinstance(v, bool), "true or false"),
     "probe_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),

@@ -200,11 +200,12 @@ class StepProgram:
             self.counter.zero_()
         self.graph = graph
 
-    def run_epoch(self, order: torch.Tensor, check_every: int, bar=None, epoch: int = 0) -> int:
+    def run_epoch(self, order: torch.Tensor, check_every: int, bar=None, epoch: int = 0, on_step=None) -> int:
         """Train one epoch in the given sample order; return the number of steps taken.
 
         Every `check_every` steps the last loss is read on the host (the only sync): a non-finite
         loss stops the epoch there, and the steps taken end at the first non-finite loss.
+        `on_step(k)`, if given, is called after the epoch's k-th step, outside any captured graph.
         """
         self.model.train()  # before a capture too: the graph records train-mode layers
         if self.use_graphs and self.graph is None:
@@ -217,6 +218,8 @@ class StepProgram:
                 self.graph.replay() if self.graph is not None else self._full_step()
             else:
                 self._rest_step()
+            if on_step is not None:
+                on_step(i + 1)
             if (i + 1) % check_every == 0 or i + 1 == self.steps:
                 value = self.losses[i].item()
                 if bar is not None:

@@ -25,6 +25,7 @@ from . import __version__
 from .errors import BnexpError
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
 FINISHED = ("completed", "diverged")
 
 
@@ -132,6 +133,10 @@ class RunDir:
     def write_metrics(self, rows: list[dict]) -> None:
         text = csv_text(METRIC_COLUMNS, ([r[c] for c in METRIC_COLUMNS] for r in rows))
         atomic_write_text(self.path / "metrics.csv", text)
+
+    def write_evals(self, rows: list[dict]) -> None:
+        """evals.csv: one row per mid-epoch evaluation (eval_every), rewritten whole after every epoch."""
+        atomic_write_text(self.path / "evals.csv", csv_text(EVAL_COLUMNS, ([r[c] for c in EVAL_COLUMNS] for r in rows)))
 
     def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
         """steps.csv (step, epoch, loss), rewritten whole after every epoch. The lines of earlier

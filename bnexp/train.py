@@ -160,17 +160,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_epoch(s: Setup, cfg, epoch: int, bar=None) -> dict:
-    """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds."""
+def train_epoch(s: Setup, cfg, epoch: int, bar=None, on_step=None) -> dict:
+    """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds.
+    `on_step(k)` runs after the epoch's k-th step (the mid-epoch evaluations); its time is not counted."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
     order = torch.randperm(len(s.train), generator=gen)  # data.batch_indices' order for this generator
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
     _sync(s.device)
     t0 = time.perf_counter()
-    steps = s.program.run_epoch(order, check_every, bar, epoch)
+    paused = [0.0]
+
+    def timed(k):
+        t = time.perf_counter()
+        on_step(k)
+        paused[0] += time.perf_counter() - t
+
+    steps = s.program.run_epoch(order, check_every, bar, epoch, timed if on_step else None)
     _sync(s.device)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - paused[0]
     losses, step_correct = s.program.losses[:steps], s.program.correct[:steps]
     sizes = torch.tensor(s.program.batch_sizes[:steps], device=s.device, dtype=losses.dtype)
     return {"losses": losses.cpu(), "step_acc": (step_correct / sizes).cpu(),
@@ -233,7 +241,24 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
 
 def _fresh_state() -> dict:
     return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None,
-            "eval_seconds": 0.0, "probe_seconds": 0.0}
+            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": []}
+
+
+def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
+    """The `on_step` of an epoch when eval_every > 0: test loss/accuracy every eval_every steps."""
+    if not cfg.eval_every:
+        return None
+
+    def on_step(k):
+        step = step0 + k
+        if step % cfg.eval_every == 0:
+            t = time.perf_counter()
+            test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
+            state["eval_seconds"] += time.perf_counter() - t
+            state["evals"].append({"step": step, "epoch": epoch, "test_loss": round(test_loss, 6),
+                                   "test_acc": round(test_acc, 6)})
+            tb.scalars({"eval/test_loss": test_loss, "eval/test_acc": test_acc}, step)
+    return on_step
 
 
 def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
@@ -314,7 +339,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
         if resumed == 0:
             _probe(s, state, probe_x, 0, 0, samples, tb)
         for epoch in range(resumed + 1, cfg.epochs + 1):
-            ep = train_epoch(s, cfg, epoch, bar)
+            ep = train_epoch(s, cfg, epoch, bar, _mid_epoch_evals(s, cfg, state, epoch, step0, tb))
             step_losses = ep["losses"].tolist()
             lr = s.optimizer.param_groups[0]["lr"]
             tb.step_scalars(step0 + 1, {"train/loss_step": step_losses, "train/acc_step": ep["step_acc"].tolist(),
@@ -344,6 +369,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             tb.flush()
             _checkpoint(rd, s, cfg, state)
             rd.write_metrics(state["metrics"])
+            if cfg.eval_every:
+                rd.write_evals(state["evals"])
             rd.write_steps(state["losses"], state["steps_per_epoch"])
             rd.write_info(_info(rd, cfg, s, "running", state, attempt))
         else:
@@ -360,6 +387,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             bar.close()
     state["elapsed"] = time.perf_counter() - t_start
     rd.write_metrics(state["metrics"])
+    if cfg.eval_every:
+        rd.write_evals(state["evals"])
     rd.write_steps(state["losses"], state["steps_per_epoch"])
     if samples:
         rd.write_activations(samples)

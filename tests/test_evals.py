@@ -1,0 +1,46 @@
+"""eval_every: test-set evaluations every N training steps (evals.csv), without touching the training."""
+
+import csv
+import json
+
+from bnexp import config as C
+from bnexp import train as T
+from bnexp.nn import functional as bn_functional
+
+
+def _cfg(data, results, *extra):
+    return C.compose([f"data_dir={data}", f"results_dir={results}", "device=cpu", "train_size=256", "test_size=64",
+                      "batch_size=32", "epochs=2", "data.verify=false", "progress=false", "norm.backend=eager",
+                      "model=mlp_ioffe", "lr=0.5", *extra])
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _numbers(run):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(run / "metrics.csv")], \
+        (run / "steps.csv").read_text()
+
+
+def test_evals_every_n_steps_leave_the_training_numbers_alone(synth_data_dir, tmp_path):
+    with bn_functional.use_backend("eager"):
+        plain = T.run(_cfg(synth_data_dir, tmp_path / "a"))
+        evals = T.run(_cfg(synth_data_dir, tmp_path / "b", "eval_every=3"))
+    assert plain.run_id != evals.run_id  # the run holds other records: another run
+    assert _numbers(plain.path) == _numbers(evals.path)
+    rows = _rows(evals.path / "evals.csv")
+    assert [int(r["step"]) for r in rows] == list(range(3, 16 + 1, 3))  # 8 steps per epoch, 2 epochs
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2, 2]
+    assert not (plain.path / "evals.csv").exists()
+    # at an epoch's last step the evaluation is the epoch's own test evaluation
+    at_end = T.run(_cfg(synth_data_dir, tmp_path / "c", "eval_every=8"))
+    ends = _rows(at_end.path / "evals.csv")
+    assert [r["test_acc"] for r in ends] == [r["test_acc"] for r in _rows(at_end.path / "metrics.csv")]
+    info = json.loads((at_end.path / "run.json").read_text())
+    assert info["seconds"]["eval"] > 0
+
+
+def test_eval_every_zero_keeps_the_run_id():
+    assert C.run_id(C.compose(["eval_every=0"])) == C.run_id(C.compose([]))
