@@ -170,6 +170,7 @@ def test_auto_falls_back_before_the_first_step_and_is_then_pinned(synth_data_dir
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(bn_functional, "_compile", broken)
+    monkeypatch.setattr(bn_functional, "_compiled", {})  # kernels compiled by earlier tests would be reused
     monkeypatch.setattr(bn_functional, "_compile_broken", {})
     cfg = _cfg(synth_data_dir, tmp_path, "norm.backend=auto", "model=alexnet_cifar", "data=cifar100", "model.dropout=0.5")
     with warnings.catch_warnings(record=True) as caught:
