@@ -34,7 +34,7 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
                      "norm.backend")
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
-HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "model.activation": "relu", "model.pool": "max",
+HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
                  "model.norm_position": "before", "model.init": "default"}
 
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
@@ -55,6 +55,7 @@ def _positive_int(v):
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bn": (lambda v: v is None or v in ("on", "off"), "on or off"),
     "lr": (lambda v: _number(v) and v > 0, "a positive number"),
+    "lr_scale_batch": (lambda v: v is None or _positive_int(v), "null or a positive integer (the batch size lr is for)"),
     "batch_size": (_positive_int, "a positive integer"),
     "epochs": (_positive_int, "a positive integer"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),

@@ -62,12 +62,18 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def effective_lr(cfg) -> float:
+    """`lr`, or with lr_scale_batch=N the linear scaling rule (Goyal et al. 2017, as Wu & He 2018 use
+    it for their batch-size sweeps): lr * batch_size / N. metrics.csv's lr column is this value."""
+    return cfg.lr if cfg.lr_scale_batch is None else cfg.lr * cfg.batch_size / cfg.lr_scale_batch
+
+
 def build_optimizer(cfg, params, capturable: bool = False):
     """SGD or Adam; `capturable` keeps Adam's step count on the device, as CUDA graphs need."""
-    o = cfg.optim
+    o, lr = cfg.optim, effective_lr(cfg)
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay,
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay,
                             capturable=capturable)
 
 

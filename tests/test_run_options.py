@@ -1,4 +1,4 @@
-"""eval_every: test-set evaluations every N training steps (evals.csv), without touching the training."""
+"""Run options that add records or rescale a setting: eval_every (evals.csv) and lr_scale_batch."""
 
 import csv
 import json
@@ -44,3 +44,11 @@ def test_evals_every_n_steps_leave_the_training_numbers_alone(synth_data_dir, tm
 
 def test_eval_every_zero_keeps_the_run_id():
     assert C.run_id(C.compose(["eval_every=0"])) == C.run_id(C.compose([]))
+
+
+def test_lr_scale_batch_applies_the_linear_scaling_rule(synth_data_dir, tmp_path):
+    with bn_functional.use_backend("eager"):
+        r = T.run(_cfg(synth_data_dir, tmp_path, "lr=0.4", "lr_scale_batch=128", "epochs=1"))
+    assert [float(row["lr"]) for row in _rows(r.path / "metrics.csv")] == [0.4 * 32 / 128]
+    assert C.run_id(C.compose(["lr_scale_batch=null"])) == C.run_id(C.compose([]))
+    assert C.run_id(C.compose(["lr_scale_batch=256"])) != C.run_id(C.compose([]))
