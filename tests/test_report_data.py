@@ -255,7 +255,9 @@ def test_reference_yaml_holds_the_design_numbers_with_sources():
     five = [r for r in REF.references if r.match.get("epochs") == 5]
     assert {r.quality for r in five} == {"approximate"} and sorted(len(r.values) for r in five) == [5, 5]
     d2l = [r for r in REF.references if r.source == "d2l"]
-    assert len(d2l) == 9 and {r.quality for r in d2l} == {"not_comparable"}
+    assert len(d2l) == 9 and {r.quality for r in d2l} == {"exact"} and {r.preset for r in d2l} == {"d2l_bn"}
+    assert sorted((r.label, r.metric, r.value) for r in d2l)[:3] == [
+        ("nn.BatchNorm", "test_acc", 0.838), ("nn.BatchNorm", "train_acc", 0.897), ("nn.BatchNorm", "train_loss", 0.277)]
     assert all(r.source in REF.sources for r in REF.references)
 
 
@@ -343,9 +345,33 @@ def test_approximate_and_not_comparable_references(tmp_path):
     assert on["verdict"] == "reproduced (approximate match)" and on["diff"] == pytest.approx(0.0)
     assert off["verdict"] == "not reproduced (approximate match)"
     assert off["diff"] == pytest.approx(0.80 - 0.8592)                     # distance to the range
-    d2l = table[table["source"] == "d2l"]
-    assert len(d2l) == 9 and d2l["verdict"].str.startswith("not comparable: different model").all()
-    assert d2l["group"].isna().all()
+    d2l = table[table["source"] == "d2l"]  # comparable, but not run here
+    assert len(d2l) == 9 and (d2l["verdict"] == "no matching runs").all()
+    assert (d2l["command"] == "bnexp sweep --preset d2l_bn").all() and d2l["group"].isna().all()
+    ioffe = table[table["source"] == "ioffe2015"]
+    assert len(ioffe) and ioffe["verdict"].str.startswith("not comparable").all()
+
+
+def test_d2l_reference_matches_its_three_arms(tmp_path):
+    d2l = {"model.name": "lenet5_d2l", "model.activation": "sigmoid", "model.pool": "avg", "model.init": "xavier",
+           "model.norm_position": "before"}
+    common = dict(config=d2l, batch_size=256, epochs=10)
+    fake_group(tmp_path, [0.27, 0.26, 0.268], **common, lr=1.0, bn="on",
+               train_acc=0.90, test_acc=0.70, **{"norm.biased_running_var": True})
+    fake_group(tmp_path, [0.28, 0.275, 0.277], **common, lr=1.0, bn="on", train_acc=0.897, test_acc=0.84,
+               **{"norm.kind": "torch"})
+    fake_group(tmp_path, [0.46, 0.45, 0.46], **common, lr=0.9, bn="off", train_acc=0.83, test_acc=0.81)
+    fake_group(tmp_path, [0.3, 0.3], **common, lr=1.0, bn="off", train_acc=0.83, test_acc=0.81)  # no reference arm
+    rows = verdicts(tmp_path)
+    rows = rows[rows["source"] == "d2l"].set_index(["label", "metric"])
+    assert rows["verdict"].to_dict() == {
+        ("scratch BN", "train_loss"): "reproduced", ("scratch BN", "train_acc"): "reproduced",
+        ("scratch BN", "test_acc"): "not reproduced",  # 0.70 vs 0.782
+        ("nn.BatchNorm", "train_loss"): "reproduced", ("nn.BatchNorm", "train_acc"): "reproduced",
+        ("nn.BatchNorm", "test_acc"): "reproduced",
+        ("no BN (lr 0.9)", "train_loss"): "reproduced", ("no BN (lr 0.9)", "train_acc"): "reproduced",
+        ("no BN (lr 0.9)", "test_acc"): "reproduced"}
+    assert (rows["n"] == 3).all()
 
 
 def test_alexnet_reference_matches_automatic_dropout(tmp_path):

@@ -31,7 +31,15 @@ EXPERIMENTS = (
     ("activation_stability", "BN keeps layer inputs close to N(0,1)", ("activations",)),
     ("generalization", "BN regularises (CIFAR-100 train vs test accuracy)", ("generalization",)),
     ("article_5epoch", "5-epoch test accuracies of the article (approximate configuration)", ()),
+    ("d2l_bn", "d2l.ai's BN chapter: from-scratch BN, nn.BatchNorm and no BN (sigmoid LeNet)", ()),
+    ("ioffe_fig1", "BN converges faster and stabilises sigmoid inputs (Ioffe & Szegedy's MNIST Figure 1)", ("ioffe",)),
+    ("small_batch_norms", "BN degrades at small batches, GN and BRN do not (one line per norm kind)", ("batch",)),
+    ("noisy_bn", "Noisy BN (unstable layer inputs) trains about as well as BN", ("loss",)),
+    ("saturation", "BN pulls sigmoid inputs out of saturation", ("activations",)),
+    ("norm_position", "BN before vs after the nonlinearity", ("loss",)),
 )
+# experiments shown by a reference table rather than a figure: preset -> text in the reference set's name
+REFERENCE_ONLY = {"article_5epoch": "5-epoch", "d2l_bn": "d2l"}
 
 
 @dataclass
@@ -99,8 +107,8 @@ def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, claim, kinds in EXPERIMENTS:
         n = sum(f.kind in kinds and (name != "generalization" or f.data == "cifar100") for f in figs)
-        if name == "article_5epoch":
-            hit = ref_table[ref_table["group"].notna() & ref_table["set"].str.contains("5-epoch")]
+        if name in REFERENCE_ONLY:
+            hit = ref_table[ref_table["group"].notna() & ref_table["set"].str.contains(REFERENCE_ONLY[name])]
             n, what = len(hit), "reference row"
         else:
             what = "figure"

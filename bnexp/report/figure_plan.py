@@ -20,15 +20,15 @@ from typing import Callable
 import pandas as pd
 
 from bnexp.report.aggregate import context_key, fmt_value
-from bnexp.report.figures import (binned_steps, epoch_stats, fig_activations, fig_generalization,
-                                  fig_loss, fig_sweep, read_activations)
+from bnexp.report.figures import (binned_steps, epoch_stats, fig_activations, fig_generalization, fig_ioffe,
+                                  fig_loss, fig_sweep, read_activations, read_evals)
 
-MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2}  # ~0.1 s CPU per panel
+MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2, "ioffe": 1}  # ~0.1 s CPU per panel
 
 
 @dataclass
 class FigureInfo:
-    kind: str          # loss | lr | batch | activations | generalization
+    kind: str          # loss | lr | batch | activations | generalization | ioffe
     path: Path
     caption: str
     data: str = ""     # the context's data set (the generalisation experiment is CIFAR-100's)
@@ -76,6 +76,20 @@ def activation_figure(picked: list[pd.Series], title: str, path: Path) -> Path |
     arms = [(run, read_activations(Path(run["dir"]) / "activations.npz")) for run in picked]
     arms = [(r, a) for r, a in arms if a]
     return fig_activations(arms, title, path) if arms else None
+
+
+def ioffe_arms(ctx: pd.DataFrame, runs: pd.DataFrame, steps_per_epoch: dict) -> list[tuple]:
+    """fig_ioffe's arms for a context: each group with mid-epoch evaluations (eval_every) in every
+    seed, with its seeds' evals.csv and the lowest seed's activations; BN arms first."""
+    arms = []
+    for _, g in ctx.sort_values(["bn", "norm.kind"], ascending=[False, True]).iterrows():
+        r = runs[(runs["group"] == g["group"]) & (runs["outcome"] != "diverged")].sort_values("seed")
+        evals = [read_evals(Path(d)) for d in r["dir"]]
+        if not len(r) or any(e.empty for e in evals):
+            continue
+        acts = read_activations(Path(r.iloc[0]["dir"]) / "activations.npz") if r.iloc[0]["has_activations"] else {}
+        arms.append((g, evals, acts, steps_per_epoch.get(g["group"], 1.0)))
+    return arms if len(arms) >= 2 else []
 
 
 def _workers(n_jobs: int) -> int:
@@ -165,6 +179,17 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
     # the generalisation claim is about AlexNet / CIFAR-100: those contexts first
     add("generalization", sorted(by_lr, key=lambda c: not c["model.name"].astype(str).str.startswith("alexnet").any()),
         gen)
+    def ioffe(i, pair):
+        ctx, arms = pair
+        title = context_label(ctx.iloc[0], (), other)
+        return (f"Figure 6.{i}: Ioffe & Szegedy 2015, Figure 1 — (a) test accuracy against training steps (every "
+                f"eval_every steps, mean over seeds), then for each arm the 15th, 50th (thick) and 85th percentiles of "
+                f"the last hidden layer's sigmoid input over training (all its units on the probe batch; the paper "
+                f"follows one unit); {title}.", fig_ioffe,
+                (arms, f"Ioffe & Szegedy Figure 1: {title}", out_dir / f"fig6_ioffe_{i}_{slug(title)}.png"))
+
+    with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
+    add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)
     paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
     figs = [FigureInfo(kind, p, caption, data) for (kind, caption, _, _), p, data in zip(jobs, paths, data_of) if p]
     return figs, skipped

@@ -1,7 +1,8 @@
 """Drawing the report's figures (PNG, matplotlib's Agg canvas, no pyplot state).
 
 1 loss vs iteration, one panel per lr; 2 final loss / test accuracy vs lr; 3 the same vs batch
-size; 4 activation distributions against N(0,1); 5 train vs test accuracy per epoch.
+size; 4 activation distributions against N(0,1); 5 train vs test accuracy per epoch; 6 Ioffe &
+Szegedy's Figure 1 (test accuracy vs step, percentiles of a last-hidden-layer sigmoid input).
 Each function draws one *context* (run groups equal but for the BN arm and the swept key; see
 figure_plan). Colours are fixed per norm kind in every figure: BN blue, torch.nn BN light blue,
 no BN orange. Layout uses fixed margins: tight_layout would cost a second full draw.
@@ -21,9 +22,11 @@ from matplotlib.ticker import MaxNLocator
 from bnexp.report.aggregate import fmt_value
 
 
-COLORS = {"bn": "#1f5fbf", "torch": "#5fa8e8", "none": "#d9480f"}
-OTHER_BN_COLOR = "#2a9d8f"                 # any other norm kind (brn, gn, ...) with bn on
-LABELS = {"bn": "BN", "torch": "BN (torch.nn)", "none": "no BN"}
+COLORS = {"bn": "#1f5fbf", "torch": "#5fa8e8", "none": "#d9480f", "gn": "#2a9d8f", "ln": "#8e44ad",
+          "in": "#b8860b", "brn": "#c2185b", "ghost": "#546e7a", "noisy": "#6d4c41"}
+OTHER_BN_COLOR = "#2a9d8f"                 # a norm kind without a colour of its own
+LABELS = {"bn": "BN", "torch": "BN (torch.nn)", "none": "no BN", "gn": "GN", "ln": "LN", "in": "IN",
+          "brn": "BRN", "ghost": "ghost BN", "noisy": "noisy BN"}
 MAX_PANELS = 6                             # learning rates per figure (evenly thinned beyond)
 STEP_POINTS = 300                          # step curves are binned to at most this many points
 DPI = 100
@@ -293,5 +296,54 @@ def fig_activations(arms: list[tuple[pd.Series, dict]], title: str, path: Path) 
             ax.yaxis.set_major_locator(MaxNLocator(4))
             if row == 0:
                 ax.set_title(layer, fontsize=9)
+    _titles(fig, title, axs)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- figure 6: Ioffe & Szegedy 2015, Figure 1
+
+PERCENTILES = (15, 50, 85)  # the paper's Figure 1(b, c)
+
+
+def read_evals(run_dir: Path) -> pd.DataFrame:
+    """evals.csv (step, epoch, test_loss, test_acc) of a run with eval_every > 0; empty if absent or unreadable."""
+    try:
+        e = pd.read_csv(run_dir / "evals.csv")
+        return e if {"step", "test_acc"} <= set(e.columns) else pd.DataFrame()
+    except (OSError, ValueError):
+        return pd.DataFrame()
+
+
+def fig_ioffe(arms: list[tuple[pd.Series, list[pd.DataFrame], dict, float]], title: str, path: Path) -> Path:
+    """(a) test accuracy vs training step, mean over seeds per arm; then per arm, the 15th/50th/85th
+    percentiles over training of the last hidden layer's sigmoid input (its norm output, or the
+    pre-activation without a norm), over all of that layer's units on the probe batch.
+    `arms`: (group row, each seed's evals, one seed's activations, steps per epoch)."""
+    fig, axs = _new(3.2, 2.9, 1, 1 + len(arms), wspace=0.3)
+    ax = axs[0, 0]
+    for group, evals, _, _ in arms:
+        st = style(group)
+        both = pd.concat(evals).groupby("step")["test_acc"].mean()
+        ax.plot(both.index, both.to_numpy(), lw=1.5, **st)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title("(a) test accuracy", fontsize=10)
+    _few_ticks(ax)
+    for k, (group, _, acts, per_epoch) in enumerate(arms, start=1):
+        ax, st = axs[0, k], style(group)
+        layers = list(dict.fromkeys(lay for (_, lay, _) in acts))  # activations.npz keeps forward order
+        layer = layers[-1] if layers else None
+        points = sorted((e, v) for (e, lay, where), v in acts.items() if lay == layer and where == "output")
+        if points:
+            steps = [e * per_epoch for e, _ in points]
+            qs = np.array([np.percentile(v[np.isfinite(v)], PERCENTILES) for _, v in points])
+            for j, q in enumerate(PERCENTILES):
+                ax.plot(steps, qs[:, j], color=st["color"], lw=1.8 if q == 50 else 1.0,
+                        ls="-" if q == 50 else "--")
+        where = layer.rsplit(".", 1)[0] if layer else "?"
+        ax.set_title(f"({'bc'[k - 1] if k <= 2 else k}) {st['label']}: {where} sigmoid input", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("15th / 50th / 85th percentile")
+        _few_ticks(ax)
     _titles(fig, title, axs)
     return _save(fig, path)
