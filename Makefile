@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export BNEXP_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help setup test test-fast test-all bench bench-gpu clean
+.PHONY: help setup test test-fast bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

@@ -10,7 +10,7 @@ PyTorch's BN ("torch") and no normalisation ("none": an nn.Identity placeholder,
 on it still see the pre-activation).
 
 Layers keep their bias even when a BN follows (the bias is then redundant) because the reference
-code does, and the parameter counts in DESIGN.md's references are with bias.
+code does, and the parameter counts in docs/references.md are with bias.
 """
 
 from collections import OrderedDict

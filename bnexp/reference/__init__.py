@@ -1,4 +1,4 @@
-"""Reference numbers of DESIGN.md section 2 (reference.yaml), flattened into one entry per number.
+"""Reference numbers of docs/references.md (reference.yaml), flattened into one entry per number.
 
 `load_reference()` returns a `ReferenceData`: the tolerances, the sources and a list of
 `Reference` entries, each with the config keys a run group must match. The report
