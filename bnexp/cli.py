@@ -20,19 +20,13 @@ from .errors import BnexpError
 
 
 def _config_keys_help() -> str:
-    """The top-level keys of conf/config.yaml with their defaults and comments (always in sync)."""
-    from .config import CONF_DIR
+    """Every config key with its default and comment, from the config files themselves (config.key_docs)."""
+    from .config import group_options, key_docs
 
-    lines = []
-    for line in (CONF_DIR / "config.yaml").read_text().splitlines():
-        m = re.match(r"^(\w+):\s*(\S+)\s*#\s*(.*)$", line)
-        if m:
-            lines.append(f"  {m.group(1) + '=' + m.group(2):<22} {m.group(3)}")
-    groups = "  " + "  ".join(f"{g}={'|'.join(sorted(p.stem for p in (CONF_DIR / g).glob('*.yaml')))}"
-                              for g in ("model", "data", "norm", "optim"))
-    return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
-                      "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
-                      "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])
+    keys, groups = key_docs()
+    lines = [f"  {key + '=' + default:<30} {comment}".rstrip() for key, default, comment in keys]
+    groups_line = "  " + "  ".join(f"{g}={'|'.join(group_options(g))} (default {d})" for g, d in groups.items())
+    return "\n".join(["\b", "Config keys (key=default):", *lines, "Config groups (group=option):", groups_line])
 
 
 app = typer.Typer(

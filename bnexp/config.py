@@ -162,6 +162,53 @@ def validate(raw: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- documentation
+
+_KEY_LINE = re.compile(r"^(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$")
+_ENV_DEFAULT = re.compile(r"^\$\{oc\.env:(\w+),([^}]*)\}$")
+
+
+def _text(raw: str, comment: str) -> tuple[str, str]:
+    """A YAML value as a user types it in an override (null, true, 0.1), and its comment; a default
+    taken from an environment variable shows its fallback, the comment names the variable."""
+    import yaml
+
+    m = _ENV_DEFAULT.match(raw)
+    if m:
+        return m.group(2), f"(${m.group(1)} if set) {comment}"
+    value = yaml.safe_load(raw) if raw else None
+    return ("null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)), comment
+
+
+def key_docs() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """((key, default, comment) for every config key, {group: default option}), read from the yaml
+    files of conf/ themselves (no Hydra: `--help` stays instant): the defaults a composed config has."""
+    groups, keys = {}, []
+    in_defaults = False
+    for line in (CONF_DIR / "config.yaml").read_text().splitlines():
+        if line.startswith("defaults:"):
+            in_defaults = True
+            continue
+        m = re.match(r"^\s+-\s+(\w+):\s*(\w+)", line)
+        if in_defaults and m:
+            groups[m.group(1)] = m.group(2)
+            continue
+        in_defaults = in_defaults and line.startswith(" ")
+        m = _KEY_LINE.match(line)
+        if m:
+            keys.append((m.group(1), *_text(m.group(2), m.group(3) or "")))
+    for group, option in groups.items():
+        for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
+            m = _KEY_LINE.match(line)
+            if m:
+                keys.append((f"{group}.{m.group(1)}", *_text(m.group(2), m.group(3) or "")))
+    return keys, groups
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 # ----------------------------------------------------------------------------- composition
 
 def apply_aliases(overrides: list[str]) -> list[str]:
@@ -184,7 +231,7 @@ def _hydra_error(e: Exception) -> BnexpError:
         m = re.search(r"Could not find '(\w+)/([^']*)'", text)
         if m:
             group = m.group(1)
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            options = group_options(group)
             return BnexpError(f"unknown {group} '{m.group(2)}'; choose one of: {', '.join(options)}")
     if isinstance(e, OverrideParseException):
         m = re.search(r"Error parsing override '([^']*)'", text)
