@@ -7,6 +7,7 @@ the old or the new version, never half a file. Layout: results/README.md. Tensor
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -41,7 +42,11 @@ def now_iso() -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory and an atomic rename."""
+    """Write `data` to `path` through a temp file in the same directory and an atomic rename.
+
+    On failure `path` keeps its old contents (or stays absent) and the temp file is removed; an
+    OSError without a file name (a full disk fails the write, not the open) gets `path` as one.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,9 +54,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the user's quota) is full."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
