@@ -197,10 +197,10 @@ def _fail_in_epoch_2(capsys, args, monkeypatch):
 
     real = T.train_epoch
 
-    def crash_in_epoch_2(s, cfg, epoch, bar=None):
+    def crash_in_epoch_2(s, cfg, epoch, *rest, **kw):
         if epoch == 2:
             raise RuntimeError("simulated crash")
-        return real(s, cfg, epoch, bar)
+        return real(s, cfg, epoch, *rest, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(T, "train_epoch", crash_in_epoch_2)
@@ -444,15 +444,15 @@ def test_really_full_disk_mid_run(capsys, synth_data_dir, small_tmpfs, monkeypat
     args = ["train", f"data_dir={synth_data_dir}", f"results_dir={results}", *QUICK]
     real_checkpoint, real_epoch = T._checkpoint, T.train_epoch
 
-    def checkpoint(rd, s, cfg, state):
-        real_checkpoint(rd, s, cfg, state)
+    def checkpoint(rd, s, cfg, state, *rest, **kw):
+        real_checkpoint(rd, s, cfg, state, *rest, **kw)
         if state["epoch"] == 1 and when == "after checkpoint 1":
             _fill(filler)
 
-    def train_epoch(s, cfg, epoch, bar=None):
+    def train_epoch(s, cfg, epoch, *rest, **kw):
         if epoch == 2 and when == "during epoch 2":
             _fill(filler)
-        return real_epoch(s, cfg, epoch, bar)
+        return real_epoch(s, cfg, epoch, *rest, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(T, "_checkpoint", checkpoint)
