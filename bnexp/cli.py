@@ -5,6 +5,7 @@ Every user mistake (BnexpError, a bad option) becomes one line on stderr and exi
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import sys
@@ -81,12 +82,7 @@ def train(
     except BnexpError:
         raise
     except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
-        from .tracking import RunDir
-
-        rd = RunDir(Path(cfg.results_dir), config.run_id(cfg))
-        log = rd.path / "error.log"
-        where = f"; traceback in {log}" if log.exists() else ""
-        typer.echo(f"failed {rd.run_id}: {type(e).__name__}: {e}{where}", err=True)
+        typer.echo(f"failed {config.run_id(cfg)}: {crash_line(e)}", err=True)
         raise typer.Exit(1)
     typer.echo(summary_line(result))
     if result.status in ("failed", "busy"):
@@ -158,6 +154,20 @@ def sweep(
     typer.echo(S.format_summary(result))
     if result.counts["failed"]:
         raise typer.Exit(1)
+
+
+def crash_line(e: Exception) -> str:
+    """What a crashed run's one line says after `failed <run_id>: `; names a full disk as such, and
+    error.log only when this attempt wrote it."""
+    from .tracking import disk_full
+
+    log = getattr(e, "error_log", None)
+    where = f"; traceback in {log}" if log else ""
+    if disk_full(e):
+        what = "disk full (ENOSPC)" if e.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+        return (f"{what} writing {e.filename or 'the run directory'}: {e.strerror}; free space there and rerun "
+                f"the same command to resume from the last finished epoch{where}")
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def summary_line(r) -> str:

@@ -11,9 +11,14 @@ archives), the user cache, offline copies (Debian's dataset-fashion-mnist packag
 torchvision's download. Local archives are checked (md5) and unpacked here rather than by
 torchvision's download=True, so a local file never triggers a network request, a data dir we cannot
 write to falls back to the cache, and unpacking is atomic (concurrent runs never see half a file).
+With verify, unpacked FashionMNIST files of the original's size must also have the original's md5
+(torchvision checks none with download=False); each file is hashed once, then its md5 is cached in
+the user cache against its size, mtime, ctime and inode.
 """
 
 import gzip
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -127,8 +132,8 @@ def load_split(name: str, root: str | os.PathLike | None, train: bool, size: int
                download: bool = True) -> Split:
     """Load split `train`/test of data set `name` onto `device`, keeping the first `size` samples.
 
-    verify=False skips the md5 checks of archives and CIFAR pickles (synthetic test data) but
-    nothing else; download=False (or $BNEXP_OFFLINE=1) never touches the network.
+    verify=False skips the md5 checks of archives, original-sized unpacked FashionMNIST files and
+    CIFAR pickles (synthetic test data) but nothing else; download=False (or $BNEXP_OFFLINE=1) never touches the network.
     """
     if name not in DATASETS:
         raise BnexpError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
@@ -168,6 +173,75 @@ FMNIST_RAW_MD5 = {
 }
 
 
+# their sizes: an unpacked file of exactly this size claims to be the original, so with verify its md5
+# must match (a flipped byte or a label changed to another valid label keeps the size and the header)
+FMNIST_RAW_SIZE = {
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+MD5_CACHE = "md5-cache.json"  # in the user cache: {path: {"stat": ..., "md5": ...}}
+
+
+def _stat_key(path: Path) -> list[int]:
+    """What says a file is unchanged since it was hashed: size, mtime, ctime (set by the kernel on
+    every write, rename or touch, so also a write that restores the mtime) and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _md5_cache() -> dict:
+    try:
+        cache = json.loads((user_cache_dir() / MD5_CACHE).read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: start a new one
+        return {}
+
+
+def _remember_md5(path: Path, md5: str) -> None:
+    """Record path's md5 against its current stat; best effort (a read-only cache only costs time)."""
+    cache, key = _md5_cache(), str(path.resolve())
+    cache[key] = {"stat": _stat_key(path), "md5": md5}
+    cache_file = user_cache_dir() / MD5_CACHE
+    tmp = cache_file.with_name(f".{MD5_CACHE}.{os.getpid()}.tmp")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, cache_file)  # concurrent writers: the last one wins, a lost entry is hashed again
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of path, hashed once and then read from the user cache while the file's size, mtime,
+    ctime and inode stay the same (FashionMNIST's 47 MB train images: ~70 ms hashed, <1 ms cached)."""
+    entry = _md5_cache().get(str(path.resolve()))
+    if isinstance(entry, dict) and entry.get("stat") == _stat_key(path) and isinstance(entry.get("md5"), str):
+        return entry["md5"]
+    md5 = _hash_file(path)
+    _remember_md5(path, md5)
+    return md5
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_raw(path: Path) -> None:
+    """With verify: an unpacked file of the original's size must have the original's md5."""
+    if path.stat().st_size != FMNIST_RAW_SIZE[path.name]:
+        return  # not the original's size: other data (a subset, synthetic test data), not a damaged copy
+    if (md5 := file_md5(path)) != FMNIST_RAW_MD5[path.name]:
+        raise BnexpError(f"{path}: md5 {md5} is not the original FashionMNIST's ({FMNIST_RAW_MD5[path.name]}); "
+                         "the file is corrupt (changed bytes or labels), delete it and unpack or get it again "
+                         "(or pass data.verify=false to train on it anyway)")
+
+
 def _has_raw(d: Path) -> bool:
     return all((d / FMNIST_FOLDER / f).is_file() for f in FMNIST_RAW_MD5)
 
@@ -198,7 +272,9 @@ def _unpack_fmnist(src_dir: Path, dest_root: Path, verify: bool) -> None:
         gz = src_dir / f"{raw}.gz"
         archive_ok = not verify or check_integrity(str(gz), FMNIST_GZ_MD5[gz.name])
         _gunzip(gz, dest / raw)
-        if not archive_ok and not check_integrity(str(dest / raw), raw_md5):
+        if verify and archive_ok:  # the original archive (gzip checked its CRC): so are its contents
+            _remember_md5(dest / raw, raw_md5)
+        elif not archive_ok and file_md5(dest / raw) != raw_md5:
             (dest / raw).unlink()
             raise BnexpError(f"{gz}: md5 mismatch, neither the archive nor its contents are the original "
                              "FashionMNIST; delete it and get it again (or pass verify=False for other data)")
@@ -265,6 +341,9 @@ def _load_fashion_mnist(root: Path, train: bool, verify: bool, download: bool):
     if n_images != n_labels:
         raise BnexpError(f"{labels}: {n_labels} labels for {n_images} images in {images.name}; "
                          "the files do not belong together")
+    if verify:  # torchvision checks no md5 of unpacked files: a flipped byte would train silently
+        _verify_raw(images)
+        _verify_raw(labels)
     try:  # the headers were checked above, so a failure here is unexpected: still say where
         ds = FashionMNIST(base, train=train, download=False)
     except Exception as e:

@@ -70,9 +70,18 @@ class EventFile:
         self.add(Event(wall_time=time.time(), step=step, summary=summary))
 
     def flush(self) -> None:
+        """Append the pending records. A failed append (a full disk) is cut off again, so the file
+        never ends in a torn record, and raises an OSError naming the file; the records stay pending."""
         if self._pending:
-            with open(self.path, "ab") as f:
-                f.write(b"".join(self._pending))
+            with open(self.path, "ab", buffering=0) as f:
+                start = f.seek(0, os.SEEK_END)
+                data = memoryview(b"".join(self._pending))
+                try:
+                    while data:
+                        data = data[f.write(data):]
+                except OSError as e:
+                    f.truncate(start)
+                    raise OSError(e.errno, e.strerror, str(self.path)) from e
             self._pending.clear()
 
 

@@ -7,10 +7,12 @@ the old or the new version, never half a file. Layout: results/README.md. Tensor
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -24,9 +26,16 @@ from omegaconf import OmegaConf
 from . import __version__
 from .errors import BnexpError
 
+ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
 FINISHED = ("completed", "diverged")
+
+
+def reason(e: BaseException) -> str:
+    """An exception as a short one-line reason: `BadZipFile: File is not a zip file`."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
 
 
 def now_iso() -> str:
@@ -34,7 +43,11 @@ def now_iso() -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory and an atomic rename."""
+    """Write `data` to `path` through a temp file in the same directory and an atomic rename.
+
+    On failure `path` keeps its old contents (or stays absent) and the temp file is removed; an
+    OSError without a file name (a full disk fails the write, not the open) gets `path` as one.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -42,9 +55,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the user's quota) is full."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -99,6 +122,9 @@ class RunDir:
         self.path = Path(results_dir) / "runs" / run_id
         self._lock = FileLock(str(self.path / ".lock"), timeout=0)
         self._step_lines: list[str] = []  # steps.csv lines written so far by this attempt
+        # file name -> what is wrong with it, noted by the readers below (which then act as if the
+        # file were absent); the caller decides what to do and says so
+        self.damaged: dict[str, str] = {}
 
     # -- locking: one process trains a run at a time (two sweeps over one grid never collide)
     def acquire(self) -> bool:
@@ -114,10 +140,18 @@ class RunDir:
 
     # -- run.json
     def read_info(self) -> dict | None:
+        """run.json as a dict; None if it is missing or damaged (not JSON, not a JSON object)."""
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, ValueError):
+            info = json.loads((self.path / "run.json").read_text())
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            self.damaged["run.json"] = f"is unreadable ({reason(e)})"
+            return None
+        if not isinstance(info, dict):
+            self.damaged["run.json"] = f"holds {json.dumps(info)[:40]}, not a JSON object"
+            return None
+        return info
 
     def write_info(self, info: dict) -> None:
         atomic_write_text(self.path / "run.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
@@ -156,11 +190,20 @@ class RunDir:
         atomic_write_bytes(self.path / "activations.npz", buf.getvalue())
 
     def read_activations(self) -> dict[str, np.ndarray]:
-        try:
-            with np.load(self.path / "activations.npz") as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
+        """{"e<epoch>/<layer>/<where>": samples}; {} if the file is missing or damaged."""
+        path = self.path / "activations.npz"
+        if not path.exists():
             return {}
+        try:
+            with np.load(path) as z:  # a truncated file: BadZipFile; a flipped byte: bad CRC-32
+                samples = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001  BadZipFile, EOFError, ValueError (not an npz), zlib.error...
+            self.damaged["activations.npz"] = f"is unreadable ({reason(e)})"
+            return {}
+        if not all(ACTIVATION_KEY.fullmatch(k) for k in samples):
+            self.damaged["activations.npz"] = "holds keys other than e<epoch>/<layer>/<where>"
+            return {}
+        return samples
 
     # -- checkpoint
     @property
@@ -173,12 +216,18 @@ class RunDir:
         atomic_write_bytes(self.checkpoint_path, buf.getvalue())
 
     def load_checkpoint(self) -> dict | None:
+        """The checkpoint's dict; None if there is none or it is damaged (it only caches progress)."""
         if not self.checkpoint_path.exists():
             return None
         try:
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception:  # a damaged checkpoint means: start over, it is only a cache of progress
+            ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001  truncated zip, bad pickle, EOFError...
+            self.damaged["checkpoint.pt"] = f"is unreadable ({reason(e)})"
             return None
+        if not isinstance(ckpt, dict):
+            self.damaged["checkpoint.pt"] = f"holds a {type(ckpt).__name__}, not a checkpoint"
+            return None
+        return ckpt
 
     def clear(self) -> None:
         """Remove the outputs of a previous attempt (for --force), keeping the lock file."""

@@ -8,6 +8,7 @@ The data set stays on the device as uint8 and batches are drawn by indexing (no 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -23,7 +24,8 @@ from . import config as C
 from . import data, engine, execution, models, probes
 from .errors import BnexpError
 from .tblog import TensorBoardLog
-from .tracking import FINISHED, RunDir, check_writable, git_commit, now_iso, versions
+from .tracking import (FINISHED, RunDir, atomic_write_text, check_writable, git_commit, now_iso, reason,
+                       versions)
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
 
@@ -269,19 +271,53 @@ def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
 
 def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
     """Restore model, optimiser and RNG from the last checkpoint, if it belongs to this config; refuse
-    (BnexpError, nothing written) if it was taken under other execution settings."""
+    (BnexpError, nothing written) if it was taken under other execution settings.
+
+    A checkpoint that loads but cannot be restored (missing keys, wrong shapes, an inconsistent
+    state) is noted in rd.damaged like an unreadable one, and the setup is put back as it was.
+    """
     ckpt = rd.load_checkpoint()
     if ckpt is None or ckpt.get("config_hash") != C.config_hash(cfg):
         return _fresh_state()
     refused = execution.mismatch(rd.run_id, ckpt.get("execution"), s.execution)
     if refused:
         raise refused
-    s.model.load_state_dict(ckpt["model"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
-    return {**_fresh_state(), **ckpt["state"]}  # a checkpoint from an older bnexp may lack newer keys
+    fresh = _snapshot(s)
+    try:
+        s.model.load_state_dict(ckpt["model"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
+        return _checked_state({**_fresh_state(), **ckpt["state"]}, cfg)  # an older bnexp's may lack newer keys
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        _restore_snapshot(s, fresh)
+        rd.damaged["checkpoint.pt"] = f"cannot be restored ({reason(e)})"
+        return _fresh_state()
+
+
+def _snapshot(s: Setup) -> tuple:
+    """Model, optimiser and RNG state of a setup, copied: what a failed restore puts back."""
+    cuda = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
+    return (copy.deepcopy(s.model.state_dict()), copy.deepcopy(s.optimizer.state_dict()), torch.get_rng_state(), cuda)
+
+
+def _restore_snapshot(s: Setup, snap: tuple) -> None:
+    model, optimizer, rng, cuda = snap
+    s.model.load_state_dict(model)
+    s.optimizer.load_state_dict(optimizer)
+    torch.set_rng_state(rng)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, s.device)
+
+
+def _checked_state(state: dict, cfg) -> dict:
+    """A checkpoint's training state, if its parts agree with each other and with the config."""
+    n = state["epoch"]
+    if not (isinstance(n, int) and 0 <= n <= cfg.epochs and len(state["metrics"]) == n
+            and len(state["steps_per_epoch"]) == n and sum(state["steps_per_epoch"]) == len(state["losses"])):
+        raise ValueError(f"its state (epoch {n!r}, {len(state['metrics'])} metrics rows) is inconsistent")
+    return state
 
 
 def _checkpoint(rd: RunDir, s: Setup, cfg, state: dict) -> None:
@@ -314,7 +350,8 @@ def run(cfg, force: bool = False) -> RunResult:
 
 def _skipped(rd: RunDir) -> RunResult:
     info = rd.read_info()
-    return RunResult(rd.run_id, rd.path, "skipped", info.get("final"), message=f"already {info['status']}",
+    final = info.get("final") if isinstance(info.get("final"), dict) else None  # a hand-edited run.json
+    return RunResult(rd.run_id, rd.path, "skipped", final, message=f"already {info['status']}",
                      epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
 
 
@@ -326,12 +363,68 @@ def _probe(s: Setup, state: dict, probe_x, epoch: int, step: int, samples: dict,
     state["probe_seconds"] += time.perf_counter() - t0
 
 
+def _take_stock(rd: RunDir, resumed: int) -> None:
+    """Act on the damaged files the readers found, and say so: one stderr line per file."""
+    if "checkpoint.pt" in rd.damaged:  # nothing else can be trusted to belong to a resumable state
+        rd.clear()
+        actions = {"checkpoint.pt": "retraining the run from scratch (its other files were removed)"}
+    else:
+        actions = {"run.json": "treating the run as unfinished: " + (
+                       f"resuming it from checkpoint.pt after epoch {resumed}" if resumed else "training it from the start"),
+                   "activations.npz": "removed it; recording the activation probes again" + (
+                       f" from epoch {resumed + 1} (those up to epoch {resumed} are lost; --force retrains)"
+                       if resumed else "")}
+        if "activations.npz" in rd.damaged:
+            (rd.path / "activations.npz").unlink(missing_ok=True)
+    for name, action in actions.items():
+        if name in rd.damaged:
+            print(f"warning: {rd.path / name} {rd.damaged[name]}; {action}", file=sys.stderr)
+    rd.damaged.clear()
+
+
+def _as_of(state: dict, epochs: int) -> dict:
+    """`state` cut back to its first `epochs` epochs: what the checkpoint on disk holds."""
+    steps = state["steps_per_epoch"][:epochs]
+    return {**state, "epoch": epochs, "metrics": state["metrics"][:epochs], "steps_per_epoch": steps,
+            "losses": state["losses"][:sum(steps)]}
+
+
+def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Exception) -> None:
+    """A crash's error.log, then metrics, steps and a failed run.json as of the last checkpoint.
+
+    Each write may fail too (a full disk): the others are still tried, and an error.log that could
+    not be written is removed rather than left empty or holding an earlier attempt's traceback.
+    Sets e.error_log to the log written, if one was.
+    """
+    log = rd.path / "error.log"
+    try:
+        atomic_write_text(log, traceback.format_exc())
+    except OSError:
+        log.unlink(missing_ok=True)
+    else:
+        try:
+            e.error_log = log
+        except (AttributeError, TypeError):  # an exception type that takes no attributes
+            pass
+    writes = (lambda: rd.write_metrics(state["metrics"]),
+              lambda: rd.write_steps(state["losses"], state["steps_per_epoch"]),
+              lambda: rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
+                                          ended=now_iso())))
+    for write in writes:
+        try:
+            write()
+        except OSError:
+            pass
+
+
 def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     state = _resume_state(rd, s, cfg)
     resumed = state["epoch"]
     prior = rd.read_info() or {}
     attempt = _attempt(prior.get("started") if resumed and prior.get("started") else now_iso())
     samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
+    _take_stock(rd, resumed)
+    saved = resumed  # the epochs checkpoint.pt holds: run.json never claims more
     rd.write_config(cfg)
     rd.write_info(_info(rd, cfg, s, "running", state, attempt))
     step0 = sum(state["steps_per_epoch"])
@@ -340,7 +433,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
     bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
     t_start = time.perf_counter() - state["elapsed"]
-    status = "running"
+    status, failed = "running", False
     try:
         if resumed == 0:
             _probe(s, state, probe_x, 0, 0, samples, tb)
@@ -374,6 +467,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             # the two replays the epoch, and the resumed attempt's purge hides the replayed steps' first copy.
             tb.flush()
             _checkpoint(rd, s, cfg, state)
+            saved = epoch
             rd.write_metrics(state["metrics"])
             if cfg.eval_every:
                 rd.write_evals(state["evals"])
@@ -383,12 +477,15 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             status = "completed"
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
         state["elapsed"] = time.perf_counter() - t_start
-        (rd.path / "error.log").write_text(traceback.format_exc())
-        rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
-                            ended=now_iso()))
+        failed = True
+        _record_failure(rd, cfg, s, _as_of(state, saved), attempt, e)
         raise
     finally:
-        tb.flush()
+        try:
+            tb.flush()
+        except OSError:
+            if not failed:  # after a crash (a full disk, say) the crash is what to report
+                raise
         if bar is not None:
             bar.close()
     state["elapsed"] = time.perf_counter() - t_start

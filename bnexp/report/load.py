@@ -2,13 +2,15 @@
 
 A run directory that cannot be read (no or malformed config.yaml / run.json, unknown status)
 is skipped with one warning line that says what is wrong; a readable run whose metrics.csv or
-steps.csv is missing or malformed is kept (its final numbers come from run.json) with a warning.
+steps.csv is missing or malformed, or whose activations.npz is damaged, is kept (its final numbers
+come from run.json) with a warning.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,10 +108,13 @@ def read_run(path: Path) -> tuple[dict | None, str | None]:
     except FileNotFoundError:
         return None, "no run.json (run not started?)"
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"run.json unreadable ({type(e).__name__})"
-    if not isinstance(info, dict) or info.get("status") not in STATUSES:
-        status = info.get("status") if isinstance(info, dict) else None
-        return None, f"run.json status {status!r} not in {'/'.join(STATUSES)}"
+        return None, (f"run.json unreadable ({type(e).__name__}; rerunning the run's `bnexp train` command "
+                      "resumes or retrains it)")
+    if not isinstance(info, dict):
+        return None, (f"run.json holds {json.dumps(info)[:40]}, not a JSON object "
+                      "(rerunning the run's `bnexp train` command resumes or retrains it)")
+    if info.get("status") not in STATUSES:
+        return None, f"run.json status {info.get('status')!r} not in {'/'.join(STATUSES)}"
 
     cfg = _normalise_config(flatten(cfg))
     final = _dict(info.get("final"))
@@ -144,6 +149,20 @@ def _read_one_csv(path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame | 
     if df[columns[0]].isna().any():
         return None, f"{path.name} has non-numeric {columns[0]} values"
     return df, None
+
+
+def npz_problem(path: Path) -> str | None:
+    """Why an existing activations.npz cannot be read, from its zip directory only (a truncated
+    file has none); None if it is absent or looks whole. Damage inside a member shows up later,
+    when the figure reads it (figures.read_activations then skips it)."""
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"{path.name} unreadable ({type(e).__name__})"
+    return None
 
 
 def read_tables(dirs: list[Path], name: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -228,6 +247,8 @@ def load_runs(results_dir: Path) -> Runs:
     df = _complete_finals(df, epochs)
     df["has_metrics"] = ~df["run_id"].isin(m_problems)
     df["has_steps"] = ~df["run_id"].isin(s_problems)
+    a_problems = {r: why for r, d in zip(df["run_id"], df["dir"]) if (why := npz_problem(Path(d) / "activations.npz"))}
+    df["has_activations"] &= ~df["run_id"].isin(a_problems)
 
     # A completed run needs final numbers (run.json or metrics.csv); everything else is optional.
     bad = (df["status"] == "completed") & ~np.isfinite(df[list(FINAL_METRICS)].astype(float)).any(axis=1)
@@ -240,6 +261,10 @@ def load_runs(results_dir: Path) -> Runs:
                  f"{s_problems[run_id]}; step curve omitted" if run_id in s_problems else ""]
         # a missing file is expected while a run is running or after it failed
         notes = [n for n in notes if n and (status in AGGREGATED or not n.startswith("no "))]
+        if run_id in a_problems:  # damaged, not just absent: worth a line whatever the status
+            fix = "retrains the run" if status in AGGREGATED else "starts the run over"
+            notes.append(f"{a_problems[run_id]}; activation figure omitted (`bnexp train ... --force` {fix} "
+                         "to record it again)")
         if notes:
             partial.append(f"partial {d}: {'; '.join(notes)}")
     keep = set(df["run_id"])
