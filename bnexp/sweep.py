@@ -86,6 +86,8 @@ def _parse(overrides: list[str]):
                 try:
                     parsed += parser.parse_overrides([o])
                 except OverrideParseException as e:
+                    if (lexed := C.lexer_error(e)) is not None:
+                        raise lexed from None
                     lines = str(e).splitlines()
                     why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
                     raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
@@ -176,7 +178,7 @@ def check_inputs(pl: Plan) -> None:
             T.use_graphs(cfg, T.resolve_device(cfg.device))
             key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
             if key not in data_sizes:
-                root = data.resolve_data_dir(cfg.data_dir)
+                root = data.data_root(cfg.data_dir, cfg.data.name)
                 data_sizes[key] = tuple(len(data.load_split(cfg.data.name, root, is_train, None, "cpu",
                                                             verify=cfg.data.verify)) for is_train in (True, False))
             T.check_sizes(cfg, *data_sizes[key])

@@ -103,7 +103,7 @@ def use_graphs(cfg, device: torch.device) -> bool:
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
     """The training and test splits on `device`, cut to train_size / test_size (slices are views)."""
-    root = data.resolve_data_dir(cfg.data_dir)
+    root = data.data_root(cfg.data_dir, cfg.data.name)
     train = data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify)
     test = data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify)
     check_sizes(cfg, len(train), len(test))
