@@ -136,7 +136,10 @@ def sweep(
                                                      "update_parameters (cluster=local|slurm, slurm_partition=..., "
                                                      "gpus_per_node=1, timeout_min=...) or joblib.Parallel's."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit; for a grid above "
+                                 "--max-runs, its size and first points."),
+    max_runs: int = typer.Option(10_000, "--max-runs", min=1, help="Refuse a grid of more points than this "
+                                 "(default: 10000); raise it to run a larger grid."),
 ):
     """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
     from . import launch as L, sweep as S
@@ -146,7 +149,12 @@ def sweep(
         return
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
-    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
+    if dry_run:  # a grid above the maximum is counted and previewed, never expanded
+        p, grid = S.preset_grid(list(overrides or []), preset)
+        if grid.size > max_runs:
+            typer.echo(S.describe_grid(p, grid, max_runs))
+            return
+    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel, max_runs=max_runs)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if dry_run:
