@@ -21,7 +21,7 @@ from .errors import BnexpError
 
 def _config_keys_help() -> str:
     """The top-level keys of conf/config.yaml with their defaults and comments (always in sync)."""
-    from .config import CONF_DIR
+    from .config import BN_NEEDS_TWO, CONF_DIR, LIMITS
 
     lines = []
     for line in (CONF_DIR / "config.yaml").read_text().splitlines():
@@ -31,7 +31,11 @@ def _config_keys_help() -> str:
     groups = "  model=lenet5|alexnet|alexnet_cifar  data=fashion_mnist|cifar100  norm=bn|torch|none  optim=sgd|adam"
     return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
                       "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
-                      "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])
+                      "norm.biased_running_var=true model.dropout=0.5 data.verify=false",
+                      "Limits (bad input stops before any work, exit code 2):",
+                      "  " + ", ".join(f"{k} <= {v:g}" if isinstance(v, float) else f"{k} <= {v}"
+                                       for k, (v, _) in LIMITS.items()),
+                      f"  with BN (norm=bn|torch): {', '.join(BN_NEEDS_TWO)} >= 2; data_dir must exist"])
 
 
 app = typer.Typer(
