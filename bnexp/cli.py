@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -21,13 +20,17 @@ from .errors import BnexpError
 
 
 def _config_keys_help() -> str:
-    """Every config key with its default and comment, from the config files themselves (config.key_docs)."""
-    from .config import group_options, key_docs
+    """Every config key with its default and comment, from the config files themselves (config.key_docs),
+    and the limits that bad input is checked against."""
+    from .config import BN_NEEDS_TWO, LIMITS, group_options, key_docs
 
     keys, groups = key_docs()
     lines = [f"  {key + '=' + default:<30} {comment}".rstrip() for key, default, comment in keys]
     groups_line = "  " + "  ".join(f"{g}={'|'.join(group_options(g))} (default {d})" for g, d in groups.items())
-    return "\n".join(["\b", "Config keys (key=default):", *lines, "Config groups (group=option):", groups_line])
+    limits = ", ".join(f"{k} <= {v:g}" if isinstance(v, float) else f"{k} <= {v}" for k, (v, _) in LIMITS.items())
+    return "\n".join(["\b", "Config keys (key=default):", *lines, "Config groups (group=option):", groups_line,
+                      "Limits (bad input stops before any work, exit code 2):", "  " + limits,
+                      f"  with BN (norm=bn|torch): {', '.join(BN_NEEDS_TWO)} >= 2; data_dir must exist"])
 
 
 app = typer.Typer(
@@ -127,7 +130,10 @@ def sweep(
                                                      "update_parameters (cluster=local|slurm, slurm_partition=..., "
                                                      "gpus_per_node=1, timeout_min=...) or joblib.Parallel's."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit; for a grid above "
+                                 "--max-runs, its size and first points."),
+    max_runs: int = typer.Option(10_000, "--max-runs", min=1, help="Refuse a grid of more points than this "
+                                 "(default: 10000); raise it to run a larger grid."),
 ):
     """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
     from . import launch as L, sweep as S
@@ -137,7 +143,12 @@ def sweep(
         return
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
-    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
+    if dry_run:  # a grid above the maximum is counted and previewed, never expanded
+        p, grid = S.preset_grid(list(overrides or []), preset)
+        if grid.size > max_runs:
+            typer.echo(S.describe_grid(p, grid, max_runs))
+            return
+    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel, max_runs=max_runs)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if note := S.oversubscription(plan, jobs, launcher.value):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import BnexpError
 
@@ -40,6 +41,18 @@ HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "lr_scale_batch": None, "
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
 BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+# Upper limits on values that would otherwise fail mid-run or exhaust memory (README, "Bad input"),
+# checked after the type checks: key -> (largest value allowed, why).
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1
+MAX_RATE = 1e6
+LIMITS: dict[str, tuple[int | float, str]] = {
+    "epochs": (MAX_EPOCHS, "100000 LeNet5 epochs are already weeks of compute"),
+    "seed": (MAX_SEED, "2**32 - 1; the batch order is seeded with seed * 1000003 + epoch, a 64-bit integer"),
+    "lr": (MAX_RATE, "torch's optimisers compute in float32 and raise mid-run above 3.4e38"),
+    "optim.weight_decay": (MAX_RATE, "torch's optimisers compute in float32 and raise mid-run above 3.4e38"),
+}
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -136,6 +149,27 @@ def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# BN in training mode normalises with the batch's own statistics: one sample is one value per channel
+# in the FC layers, and torch raises "Expected more than 1 value per channel when training".
+BN_NEEDS_TWO = {
+    "batch_size": "every training batch",
+    "train_size": "a training batch",
+    "test_size": "the activation probe (test images normalised with their own batch statistics)",
+}
+
+
+def _check_batch_statistics(flat: dict) -> None:
+    """With a BN model, refuse sizes that give a batch of one sample (the check needs no data)."""
+    for key, what in BN_NEEDS_TWO.items():
+        if flat[key] == 1:
+            raise BnexpError(f"{key}=1 with batch normalisation (norm={flat['norm.kind']}): {what} needs at "
+                             f"least 2 samples for batch statistics; use {key}=2 or more, or bn=off")
+
+
 def validate(raw: dict) -> dict:
     """Check every key's type and range, reconcile `bn` with `norm`; return the resolved dict."""
     flat = _normalise_values(flatten(raw))
@@ -148,6 +182,10 @@ def validate(raw: dict) -> dict:
     for key, (ok, expected) in _CHECKS.items():
         if not ok(flat[key]):
             raise BnexpError(f"{key} must be {expected}, got {flat[key]!r}")
+    for key, (limit, why) in LIMITS.items():
+        if flat[key] > limit:
+            raise BnexpError(f"{key}={_text(flat[key])} is above the limit of {_text(limit)} ({why}); "
+                             f"use a smaller {key}")
     # `bn` is a shortcut for `norm`: off means no normalisation; on requires a BN kind.
     if flat["bn"] == "off":
         flat["norm.kind"] = "none"
@@ -156,6 +194,8 @@ def validate(raw: dict) -> dict:
     flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
     if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
+    if flat["norm.kind"] != "none":
+        _check_batch_statistics(flat)
     out = OmegaConf.to_container(OmegaConf.create(raw))
     for key, value in flat.items():
         _set(out, key, value)
@@ -168,7 +208,7 @@ _KEY_LINE = re.compile(r"^(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$")
 _ENV_DEFAULT = re.compile(r"^\$\{oc\.env:(\w+),([^}]*)\}$")
 
 
-def _text(raw: str, comment: str) -> tuple[str, str]:
+def _doc_text(raw: str, comment: str) -> tuple[str, str]:
     """A YAML value as a user types it in an override (null, true, 0.1), and its comment; a default
     taken from an environment variable shows its fallback, the comment names the variable."""
     import yaml
@@ -196,12 +236,12 @@ def key_docs() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         in_defaults = in_defaults and line.startswith(" ")
         m = _KEY_LINE.match(line)
         if m:
-            keys.append((m.group(1), *_text(m.group(2), m.group(3) or "")))
+            keys.append((m.group(1), *_doc_text(m.group(2), m.group(3) or "")))
     for group, option in groups.items():
         for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
             m = _KEY_LINE.match(line)
             if m:
-                keys.append((f"{group}.{m.group(1)}", *_text(m.group(2), m.group(3) or "")))
+                keys.append((f"{group}.{m.group(1)}", *_doc_text(m.group(2), m.group(3) or "")))
     return keys, groups
 
 
@@ -222,6 +262,24 @@ def apply_aliases(overrides: list[str]) -> list[str]:
     return out
 
 
+def lexer_error(e: Exception) -> BnexpError | None:
+    """Hydra's lexer rejects a character (non-ASCII, `;`, ...) before parsing and reports it only as
+    `LexerNoViableAltException: <override>` plus a caret: name the override, the character and the fix."""
+    lines = str(e).splitlines()
+    prefix = "LexerNoViableAltException: "
+    if not lines or not lines[0].startswith(prefix):
+        return None
+    o = lines[0][len(prefix):]
+    col = lines[1].find("^") - len(prefix) if len(lines) > 1 else -1
+    what = f"character {o[col]!r}" if 0 <= col < len(o) else "a character"
+    key, eq, value = o.partition("=")
+    if eq and col > len(key):
+        fix = f"quote the value inside the shell's quotes: \"{key}='{value}'\""
+    else:
+        fix = "keys are ASCII names (see `bnexp train --help`)"
+    return BnexpError(f"malformed override '{o}': {what} is not allowed unquoted; {fix}")
+
+
 def _hydra_error(e: Exception) -> BnexpError:
     """Turn a Hydra composition/parse error into one actionable line."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -234,6 +292,8 @@ def _hydra_error(e: Exception) -> BnexpError:
             options = group_options(group)
             return BnexpError(f"unknown {group} '{m.group(2)}'; choose one of: {', '.join(options)}")
     if isinstance(e, OverrideParseException):
+        if (lexed := lexer_error(e)) is not None:
+            return lexed
         m = re.search(r"Error parsing override '([^']*)'", text)
         what = m.group(1) if m else "?"
         return BnexpError(f"malformed override '{what}': expected key=value (see `bnexp train --help`)")
@@ -244,6 +304,16 @@ def _hydra_error(e: Exception) -> BnexpError:
     if m:
         return BnexpError(f"'{m.group(1)}' is a sweep (several values); use `bnexp sweep` for grids")
     return BnexpError(text.strip().splitlines()[0])
+
+
+def _interpolation_error(cfg: DictConfig, e: Exception) -> BnexpError:
+    """An interpolation that cannot be resolved -> one line naming the key, its value and the reason."""
+    key = getattr(e, "full_key", None) or "?"
+    value = flatten(OmegaConf.to_container(cfg, resolve=False)).get(key, "?")
+    reason = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason)
+    return BnexpError(f"{key}: interpolation {value!r} cannot be resolved ({reason}); give {key} a plain "
+                      f"value instead (e.g. {key}=<value>), or set what it refers to")
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
@@ -260,7 +330,11 @@ def compose(overrides: list[str] = ()) -> DictConfig:
         raise _hydra_error(e) from None
     finally:
         GlobalHydra.instance().clear()
-    resolved = validate(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:  # `lr=${nosuch}`, `results_dir=${oc.env:UNSET}`, `lr=${lr}`
+        raise _interpolation_error(cfg, e) from None
+    resolved = validate(container)
     out = OmegaConf.create(resolved)
     OmegaConf.set_readonly(out, True)
     OmegaConf.set_struct(out, True)

@@ -68,6 +68,19 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return user_cache_dir() / "data"
 
 
+def data_root(data_dir: str | os.PathLike | None, data_set: str) -> Path:
+    """resolve_data_dir, refusing a data_dir that is given but is not an existing directory: bnexp
+    does not create it, nor silently fall back to the cache for it ($BNEXP_DATA_DIR and the default
+    cache behave as before)."""
+    root = resolve_data_dir(data_dir)
+    if data_dir not in (None, "") and not root.is_dir():
+        title = DATASETS[data_set].title if data_set in DATASETS else data_set
+        why = "is not a directory" if root.exists() else "does not exist"
+        raise BnexpError(f"{title} not found: data_dir={data_dir} {why}; point data_dir at the existing folder "
+                         f"that holds the data, or leave data_dir unset to use ${ENV_DATA_DIR} or the user cache")
+    return root
+
+
 def _writable(d: Path) -> bool:
     """True if files can be created in d (created if missing); tried, because os.access lies for root."""
     try:

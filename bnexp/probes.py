@@ -10,6 +10,9 @@ With BN off the norm position is an nn.Identity, whose input is the pre-activati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -17,12 +20,36 @@ import torch.nn as nn
 MAX_SAMPLES = 20_000  # values kept per (epoch, layer, where) in activations.npz
 
 
-def probe_epochs(epochs: int, every: int) -> set[int]:
-    """Epoch 0 (initialisation), 1, every `every`-th, and the last."""
-    out = {0, 1, epochs}
-    if every > 0:
-        out.update(range(every, epochs + 1, every))
-    return out
+@dataclass(frozen=True)
+class ProbeEpochs:
+    """The probe schedule as a predicate (`epoch in schedule`) and a lazy ascending iterator.
+
+    Constant memory whatever `epochs` is (a set of every probe epoch of epochs=10**20 took 23 GB).
+    """
+    epochs: int
+    every: int
+
+    def __contains__(self, epoch) -> bool:
+        if not isinstance(epoch, int) or not 0 <= epoch <= self.epochs:
+            return False
+        return epoch in (0, 1, self.epochs) or (self.every > 0 and epoch % self.every == 0)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = 0
+        while epoch <= self.epochs:
+            yield epoch
+            # the next candidate: 1, the next multiple of `every`, or the last epoch, whichever comes first
+            nxt = [self.epochs]
+            if epoch < 1:
+                nxt.append(1)
+            if self.every > 0:
+                nxt.append((epoch // self.every + 1) * self.every)
+            epoch = max(min(nxt), epoch + 1)
+
+
+def probe_epochs(epochs: int, every: int) -> ProbeEpochs:
+    """Epoch 0 (initialisation), 1, every `every`-th, and the last: `epoch in probe_epochs(...)`."""
+    return ProbeEpochs(epochs, every)
 
 
 def _sample(t: torch.Tensor) -> np.ndarray:

@@ -16,6 +16,9 @@ each run trained once.
 
 from __future__ import annotations
 
+import decimal
+import itertools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from .errors import BnexpError
 PRESET_DIR = C.CONF_DIR / "experiment"
 DEFAULT_PRESET = "default"  # applies when no --preset is given; user overrides replace its keys
 STATUSES = ("completed", "skipped", "diverged", "failed", "busy")
+MAX_RUNS = 10_000  # the largest grid a sweep expands unless --max-runs says more (README, "Bad input")
+PREVIEW = 10  # grid points that --dry-run lists for a grid above the maximum
 
 
 # ----------------------------------------------------------------------------- presets
@@ -54,14 +59,29 @@ def load_preset(name: str) -> Preset:
     """Read conf/experiment/<name>.yaml (format: the comment at the top of each file)."""
     import yaml
 
+    if not name or not name.strip():
+        raise BnexpError(f"--preset needs a name; choose one of: {', '.join(preset_names())} "
+                         f"(leave --preset out for the default grid)")
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise BnexpError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
     # BaseLoader keeps every scalar as the text written (`on` stays "on", `1e-3` stays "1e-3"):
     # the values are override-grammar strings, not YAML values.
-    doc = yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}
-    params = doc.get("params")
-    if not isinstance(doc.get("description"), str) or not isinstance(params, dict) or \
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
+    except UnicodeDecodeError as e:
+        raise BnexpError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"save the preset as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BnexpError(f"{path}: YAML syntax error{where} ({what}); fix the file (format: the comment "
+                         f"at the top of each preset)") from None
+    except OSError as e:
+        raise BnexpError(f"{path}: cannot read the preset ({e.strerror or e})") from None
+    params = doc.get("params") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("description"), str) or not isinstance(params, dict) or \
             not all(isinstance(v, str) for v in params.values()):
         raise BnexpError(f"{path}: a preset needs `description: <one line>` and `params:` mapping each "
                          f"key to a value or sweep in override grammar (e.g. `lr: 0.01,0.1`)")
@@ -86,6 +106,8 @@ def _parse(overrides: list[str]):
                 try:
                     parsed += parser.parse_overrides([o])
                 except OverrideParseException as e:
+                    if (lexed := C.lexer_error(e)) is not None:
+                        raise lexed from None
                     lines = str(e).splitlines()
                     why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
                     raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
@@ -95,28 +117,105 @@ def _parse(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-def expand(overrides: list[str]) -> tuple[dict[str, list[str]], list[list[str]]]:
-    """Overrides (with sweeps) -> (swept key -> values, one override list per grid point).
+def _count(o) -> int:
+    """How many values a parsed override stands for, without enumerating a range."""
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 
-    The product is Hydra's BasicSweeper.split_arguments: keys in order of first appearance, the
-    last override of a key wins (so a user's `lr=...` replaces the preset's lr sweep).
-    """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.errors import HydraException
+    if not o.is_sweep_override():
+        return 1
+    v = o.value()
+    if isinstance(v, ChoiceSweep):
+        return len(v.list)
+    if isinstance(v, RangeSweep):
+        start, stop, step = (decimal.Decimal(x) for x in (v.start, v.stop, v.step))  # as FloatRange
+        if step == 0:  # Hydra would loop for ever on a float range, raise on an int one
+            raise BnexpError(f"'{o.input_line}': the step of a range must not be 0")
+        return max(0, math.ceil((stop - start) / step))
+    return sum(1 for _ in o.sweep_string_iterator())  # glob(...): the options of a config group
 
+
+def _nth(o, j: int) -> str:
+    """The j-th value of an override as BasicSweeper writes it, enumerating only the first j + 1 values
+    (a shuffled range is previewed in order: shuffling would enumerate it)."""
+    from hydra.core.override_parser.types import RangeSweep, Transformer
+
+    if not o.is_sweep_override():
+        return o.get_value_element_as_str()
+    v = o.value()
+    values = map(Transformer.str, v.range()) if isinstance(v, RangeSweep) else o.sweep_string_iterator()
+    return next(itertools.islice(values, j, None))
+
+
+@dataclass
+class Grid:
+    """Parsed overrides before expansion: one override per key, at the key's first position and holding
+    its last value (BasicSweeper's order and precedence), with how many values each stands for."""
+    overrides: list
+    counts: list[int]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.counts)
+
+    def axes_text(self) -> str:
+        """`bn=on,off x seed=range(0,100000000) (100000000 values)`: the swept keys, not enumerated."""
+        parts = []
+        for o, n in zip(self.overrides, self.counts):
+            if o.is_sweep_override():
+                text = o.input_line if o.input_line else f"{o.get_key_element()}=..."
+                parts.append(text if n <= 12 else f"{text} ({n:,} values)")
+        return " x ".join(parts) or "a single point"
+
+    def preview(self, n: int) -> list[list[str]]:
+        """The first n grid points (the last key varies fastest), without expanding the grid."""
+        out = []
+        for i in range(min(n, self.size)):
+            digits = []
+            for count in reversed(self.counts):
+                i, j = divmod(i, count)
+                digits.append(j)
+            out.append([f"{o.get_key_element()}={_nth(o, j)}" for o, j in zip(self.overrides, reversed(digits))])
+        return out
+
+
+def parse_grid(overrides: list[str]) -> Grid:
+    """Overrides (with sweeps) -> a Grid, counting the points without expanding them."""
     parsed = _parse(C.apply_aliases(list(overrides)))
     for o in parsed:
         if o.is_sweep_override() and not o.is_discrete_sweep():
             raise BnexpError(f"'{o.input_line}' is a continuous range, not a grid; "
                              f"use key=a,b,c, key=range(start,stop,step) or key=choice(a,b,...)")
-    try:
-        [points] = BasicSweeper.split_arguments(parsed, None)
-    except HydraException as e:
-        raise BnexpError(str(e).splitlines()[0]) from None
     last = {}  # key -> its last override, at the key's first position (BasicSweeper's order)
     for o in parsed:
         last[o.get_key_element()] = o
-    axes = {k: list(o.sweep_string_iterator()) for k, o in last.items() if o.is_sweep_override()}
+    return Grid(list(last.values()), [_count(o) for o in last.values()])
+
+
+def check_size(grid: Grid, max_runs: int = MAX_RUNS) -> None:
+    if grid.size > max_runs:
+        raise BnexpError(f"the grid has {grid.size:,} points ({grid.axes_text()}), more than the maximum of "
+                         f"{max_runs:,} runs; narrow the grid, or pass --max-runs {grid.size} to run it anyway "
+                         f"(--dry-run prints its size without composing it)")
+
+
+def expand(overrides: list[str], max_runs: int = MAX_RUNS) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """Overrides (with sweeps) -> (swept key -> values, one override list per grid point).
+
+    The product is Hydra's BasicSweeper.split_arguments: keys in order of first appearance, the
+    last override of a key wins (so a user's `lr=...` replaces the preset's lr sweep). The grid is
+    counted first and refused above `max_runs` points, so memory stays what the grid needs; a
+    replaced override is never enumerated.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.errors import HydraException
+
+    grid = parse_grid(overrides)
+    check_size(grid, max_runs)
+    try:
+        [points] = BasicSweeper.split_arguments(grid.overrides, None)
+    except HydraException as e:
+        raise BnexpError(str(e).splitlines()[0]) from None
+    axes = {o.get_key_element(): list(o.sweep_string_iterator()) for o in grid.overrides if o.is_sweep_override()}
     return axes, points
 
 
@@ -142,13 +241,21 @@ class Plan:
     merged: int = 0
 
 
-def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = False) -> Plan:
+def preset_grid(overrides: list[str] = (), preset: str | None = None) -> tuple[Preset, Grid]:
+    """The preset (the default one when None) and the grid it makes with the user's overrides, unexpanded."""
+    p = load_preset(DEFAULT_PRESET if preset is None else preset)
+    return p, parse_grid(p.overrides() + list(overrides))
+
+
+def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = False,
+         max_runs: int = MAX_RUNS) -> Plan:
     """Preset + user overrides -> every grid point composed and validated, before anything runs.
 
     `quiet` turns per-run progress bars off (parallel runs); `progress` is not part of the run id.
+    A grid of more than `max_runs` points is refused before it is expanded.
     """
-    p = load_preset(preset or DEFAULT_PRESET)
-    axes, grid = expand(p.overrides() + list(overrides))
+    p = load_preset(DEFAULT_PRESET if preset is None else preset)
+    axes, grid = expand(p.overrides() + list(overrides), max_runs)
     swept = set(axes)
     fixed = [o for o in grid[0] if o.split("=", 1)[0] not in swept] if grid else []
     points, seen, merged = [], set(), 0
@@ -176,7 +283,7 @@ def check_inputs(pl: Plan) -> None:
             T.use_graphs(cfg, T.resolve_device(cfg.device))
             key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
             if key not in data_sizes:
-                root = data.resolve_data_dir(cfg.data_dir)
+                root = data.data_root(cfg.data_dir, cfg.data.name)
                 data_sizes[key] = tuple(len(data.load_split(cfg.data.name, root, is_train, None, "cpu",
                                                             verify=cfg.data.verify)) for is_train in (True, False))
             T.check_sizes(cfg, *data_sizes[key])
@@ -185,9 +292,26 @@ def check_inputs(pl: Plan) -> None:
             raise BnexpError(f"{e} (grid point {i} of {len(pl.points)}: {where})") from None
 
 
+def _values_text(values: list[str], most: int = 12) -> str:
+    """`a,b,c`, or for a long axis its first and last values and their number."""
+    if len(values) <= most:
+        return ",".join(values)
+    return f"{','.join(values[:3])},...,{values[-1]} ({len(values):,} values)"
+
+
+def describe_grid(p: Preset, grid: Grid, max_runs: int = MAX_RUNS) -> str:
+    """For --dry-run of a grid above the maximum: its size and first points, none of them composed."""
+    lines = [f"sweep: {grid.size:,} grid points (preset {p.name}): {grid.axes_text()}",
+             f"  more than the maximum of {max_runs:,} runs: not expanded or composed; a sweep of it needs "
+             f"--max-runs {grid.size} (or a narrower grid)",
+             f"  first {min(PREVIEW, grid.size)} points:"]
+    lines += [f"  {' '.join(point)}" for point in grid.preview(PREVIEW)]
+    return "\n".join(lines)
+
+
 def describe(pl: Plan) -> str:
     """What will run: the number of runs, the grid axes, the fixed overrides."""
-    grid = " x ".join(f"{k}={','.join(v)}" for k, v in pl.axes.items()) or "a single point"
+    grid = " x ".join(f"{k}={_values_text(v)}" for k, v in pl.axes.items()) or "a single point"
     dirs = sorted({str(p.results_dir) for p in pl.points})
     lines = [f"sweep: {len(pl.points)} run{'s' * (len(pl.points) != 1)} (preset {pl.preset}): {grid}"]
     if pl.fixed:

@@ -110,6 +110,9 @@ def check_sizes(cfg, n_train: int, n_test: int) -> None:
     if cfg.batch_size > n:
         raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples); "
                          f"lower batch_size or raise train_size")
+    if cfg.norm.kind != "none" and min(cfg.test_size or n_test, n_test) < 2:  # test_size=1 fails in config
+        raise BnexpError(f"the test set has {n_test} sample: the activation probe of a BN model needs at least 2 "
+                         f"(batch statistics); use other data or bn=off")
 
 
 def use_graphs(cfg, device: torch.device) -> bool:
@@ -120,7 +123,7 @@ def use_graphs(cfg, device: torch.device) -> bool:
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
     """The training and test splits on `device`, cut to train_size / test_size (slices are views)."""
-    root = data.resolve_data_dir(cfg.data_dir)
+    root = data.data_root(cfg.data_dir, cfg.data.name)
     train = data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify)
     test = data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify)
     check_sizes(cfg, len(train), len(test))

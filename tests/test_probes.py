@@ -1,6 +1,7 @@
 """Activation probes: batch-statistics view of every norm layer, with no side effects on training."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ def test_probe_sees_batch_statistics_and_changes_nothing(kind):
 
 
 def test_probe_epochs():
-    assert probes.probe_epochs(20, 5) == {0, 1, 5, 10, 15, 20}
-    assert probes.probe_epochs(3, 0) == {0, 1, 3}
-    assert probes.probe_epochs(4, 1) == {0, 1, 2, 3, 4}
+    assert set(probes.probe_epochs(20, 5)) == {0, 1, 5, 10, 15, 20}
+    assert set(probes.probe_epochs(3, 0)) == {0, 1, 3}
+    assert set(probes.probe_epochs(4, 1)) == {0, 1, 2, 3, 4}
+    # a predicate and a lazy iterator: constant memory for any number of epochs
+    huge = probes.probe_epochs(10**20, 5)
+    assert 10**20 in huge and 5 * 10**18 in huge and 10**20 - 1 not in huge and 1 in huge and 10**20 + 5 not in huge
+    assert list(itertools.islice(huge, 4)) == [0, 1, 5, 10]
+    for epochs in range(1, 25):
+        for every in range(0, 9):
+            expected = {0, 1, epochs} | set(range(every, epochs + 1, every) if every else ())
+            assert list(probes.probe_epochs(epochs, every)) == sorted(expected)
+            assert {e for e in range(-1, epochs + 3) if e in probes.probe_epochs(epochs, every)} == expected

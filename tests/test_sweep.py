@@ -158,10 +158,10 @@ def test_rerun_skips_completed_runs_without_rewriting_a_file(base):
 def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
     real = T.train_epoch
 
-    def train_epoch(s, cfg, epoch, bar=None):
+    def train_epoch(s, cfg, epoch, *args, **kwargs):
         if cfg.bn == "off" and cfg.lr == 0.5:
             raise RuntimeError("simulated crash")
-        return real(s, cfg, epoch, bar)
+        return real(s, cfg, epoch, *args, **kwargs)
 
     monkeypatch.setattr(T, "train_epoch", train_epoch)
     code, out, err = cli(capsys, "sweep", *base, "lr=0.1,0.5")

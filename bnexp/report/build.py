@@ -4,6 +4,10 @@ write_report() is the whole pipeline; the CLI only parses its options and prints
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,37 +185,85 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _clean(out_dir: Path) -> None:
-    """Remove what an earlier report wrote here (only our own file names)."""
-    for p in [*out_dir.glob("fig[1-5]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]:
-        if p.is_file():
+def _ours(out_dir: Path) -> list[Path]:
+    """What a report writes into its folder (only our own file names: other files are left alone)."""
+    return [p for p in [*out_dir.glob("fig[1-5]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
+            if p.is_file()]
+
+
+def _write_error(out_dir: Path, e: OSError) -> BnexpError:
+    hint = "free some space or" if e.errno == errno.ENOSPC else "check the permissions or"
+    return BnexpError(f"cannot write the report to {out_dir}: {e.strerror or e}; {hint} choose another --out "
+                      f"(the previous report there is unchanged)")
+
+
+def _check_out(out_dir: Path) -> None:
+    """out_dir, or the first of its parents that exists, must be a folder."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        which = "" if existing == out_dir else f": {existing} "
+        raise BnexpError(f"--out {out_dir}{which or ' '}is a file, not a folder; choose another --out (bnexp "
+                         f"writes a folder of report files there)")
+
+
+def _stage(out_dir: Path) -> Path:
+    """A fresh folder beside out_dir that the new report is written into before it replaces the old one."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:
+        raise _write_error(out_dir, e) from None
+
+
+def _swap(stage: Path, out_dir: Path) -> None:
+    """Move the staged files into out_dir (each rename atomic), then remove our files the new report lacks."""
+    out_dir.mkdir(exist_ok=True)
+    new = {p.name for p in stage.iterdir()}
+    for name in sorted(new):
+        os.replace(stage / name, out_dir / name)
+    for p in _ours(out_dir):
+        if p.name not in new:
             p.unlink()
+    stage.rmdir()
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None, where: list[str] | tuple[str, ...] = (),
                  fmt: str = "md") -> ReportResult:
-    """Read every run under results_dir/runs, write tables, figures and report.md/.html to out_dir."""
+    """Read every run under results_dir/runs, write tables, figures and report.md/.html to out_dir.
+
+    The files are written into a folder beside out_dir and moved into it at the end: an error (an
+    unwritable path, a full disk) leaves the previous report as it was.
+    """
     if fmt not in FORMATS:
         raise BnexpError(f"unknown report format {fmt!r}: use md, html or both")
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir else results_dir / "report"
+    _check_out(out_dir)
     where = list(where)
     a = analyse(results_dir, where)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean(out_dir)
-    tables = write_tables(a, out_dir)
-    prefer = set(a.ref_table.loc[a.ref_table["quality"] == "exact", "group"].dropna())
-    figs, skipped = draw_all(a.groups, a.runs_tab, a.runs.epochs, a.runs.steps, a.keys, a.other,
-                             a.refdata.num_classes, out_dir, prefer)
-    blocks = build_blocks(a, results_dir, where, figs, skipped)
-    reports = []
-    if fmt in ("md", "both"):
-        reports.append(out_dir / "report.md")
-        reports[-1].write_text(R.to_markdown(blocks), encoding="utf-8")
-    if fmt in ("html", "both"):
-        reports.append(out_dir / "report.html")
-        reports[-1].write_text(R.to_html(blocks, f"bnexp report: {results_dir}"), encoding="utf-8")
+    stage = _stage(out_dir)
+    try:
+        tables = write_tables(a, stage)
+        prefer = set(a.ref_table.loc[a.ref_table["quality"] == "exact", "group"].dropna())
+        figs, skipped = draw_all(a.groups, a.runs_tab, a.runs.epochs, a.runs.steps, a.keys, a.other,
+                                 a.refdata.num_classes, stage, prefer)
+        blocks = build_blocks(a, results_dir, where, figs, skipped)
+        reports = []
+        if fmt in ("md", "both"):
+            reports.append(stage / "report.md")
+            reports[-1].write_text(R.to_markdown(blocks), encoding="utf-8")
+        if fmt in ("html", "both"):
+            reports.append(stage / "report.html")
+            reports[-1].write_text(R.to_html(blocks, f"bnexp report: {results_dir}"), encoding="utf-8")
+        _swap(stage, out_dir)
+    except OSError as e:
+        raise _write_error(out_dir, e) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    tables, reports = [out_dir / p.name for p in tables], [out_dir / p.name for p in reports]
+    for f in figs:
+        f.path = out_dir / f.path.name
 
     runs, counts = a.runs, verdict_counts(a.ref_table)
     summary = "\n".join([
