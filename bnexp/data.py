@@ -16,6 +16,7 @@ With verify, unpacked FashionMNIST files of the original's size must also have t
 the user cache against its size, mtime, ctime and inode.
 """
 
+import functools
 import gzip
 import hashlib
 import json
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR100, FashionMNIST
+from torchvision.datasets import CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.utils import check_integrity
 
 from bnexp.errors import BnexpError
@@ -46,6 +47,7 @@ ENV_OFFLINE = "BNEXP_OFFLINE"  # set (non-empty, not "0"): never download (the t
 # different md5, so they are checked through the md5 of their unpacked contents (FMNIST_RAW_MD5).
 OFFLINE_SOURCES: dict[str, list[Path]] = {
     "fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")],
+    "mnist": [],
     "cifar100": [],
 }
 
@@ -173,7 +175,7 @@ def _not_found(spec: DatasetSpec, looked: list[Path], why: str) -> BnexpError:
     return BnexpError(f"{spec.title} not found (looked in {dirs}; {why}). {spec.how_to_get}")
 
 
-# ======================================================================== FashionMNIST
+# ======================================================================== FashionMNIST and MNIST (IDX files)
 
 FMNIST_FOLDER = "FashionMNIST/raw"
 FMNIST_GZ_MD5 = dict(FashionMNIST.resources)  # "train-images-idx3-ubyte.gz" -> md5 of the original
@@ -195,6 +197,20 @@ FMNIST_RAW_SIZE = {
     "t10k-labels-idx1-ubyte": 10_008,
 }
 MD5_CACHE = "md5-cache.json"  # in the user cache: {path: {"stat": ..., "md5": ...}}
+
+# MNIST: the same four file names and sizes. torchvision publishes the md5s of its archives only, so
+# archives are checked when unpacked, while unpacked files without archives get the IDX checks alone.
+MNIST_FOLDER = "MNIST/raw"
+MNIST_GZ_MD5 = dict(MNIST.resources)
+IDX_CLASSES = {"fashion_mnist": FashionMNIST, "mnist": MNIST}
+
+
+def _idx_meta(name: str) -> tuple[str, dict[str, str | None], dict[str, int], dict[str, str]]:
+    """(folder, md5 of each unpacked original or None, their sizes, md5 of each archive) of an IDX data
+    set, read when called (tests replace the FashionMNIST tables with synthetic ones)."""
+    if name == "fashion_mnist":
+        return FMNIST_FOLDER, FMNIST_RAW_MD5, FMNIST_RAW_SIZE, FMNIST_GZ_MD5
+    return MNIST_FOLDER, dict.fromkeys(FMNIST_RAW_MD5), FMNIST_RAW_SIZE, MNIST_GZ_MD5
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -245,18 +261,20 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify_raw(path: Path) -> None:
-    """With verify: an unpacked file of the original's size must have the original's md5."""
-    if path.stat().st_size != FMNIST_RAW_SIZE[path.name]:
+def _verify_raw(path: Path, name: str = "fashion_mnist") -> None:
+    """With verify: an unpacked file of the original's size must have the original's md5 (if known)."""
+    _, raw_md5, raw_size, _ = _idx_meta(name)
+    if path.stat().st_size != raw_size[path.name] or raw_md5[path.name] is None:
         return  # not the original's size: other data (a subset, synthetic test data), not a damaged copy
-    if (md5 := file_md5(path)) != FMNIST_RAW_MD5[path.name]:
-        raise BnexpError(f"{path}: md5 {md5} is not the original FashionMNIST's ({FMNIST_RAW_MD5[path.name]}); "
+    if (md5 := file_md5(path)) != raw_md5[path.name]:
+        raise BnexpError(f"{path}: md5 {md5} is not the original {DATASETS[name].title}'s ({raw_md5[path.name]}); "
                          "the file is corrupt (changed bytes or labels), delete it and unpack or get it again "
                          "(or pass data.verify=false to train on it anyway)")
 
 
-def _has_raw(d: Path) -> bool:
-    return all((d / FMNIST_FOLDER / f).is_file() for f in FMNIST_RAW_MD5)
+def _has_raw(d: Path, name: str = "fashion_mnist") -> bool:
+    folder, raw_md5, _, _ = _idx_meta(name)
+    return all((d / folder / f).is_file() for f in raw_md5)
 
 
 def _gunzip(src: Path, dst: Path) -> None:
@@ -273,53 +291,55 @@ def _gunzip(src: Path, dst: Path) -> None:
         raise BnexpError(f"cannot unpack {src} into {dst.parent}: {_one_line(e)}") from e
 
 
-def _unpack_fmnist(src_dir: Path, dest_root: Path, verify: bool) -> None:
-    """Unpack the four .gz files of src_dir into dest_root/FashionMNIST/raw.
+def _unpack_idx(src_dir: Path, dest_root: Path, verify: bool, name: str = "fashion_mnist") -> None:
+    """Unpack the four .gz files of src_dir into dest_root/<Name>/raw.
 
     verify: each archive must have torchvision's md5, or else its unpacked contents the original's
     (archives whose gzip header was rewritten, like Debian's, differ only in the header).
     """
-    dest = dest_root / FMNIST_FOLDER
+    folder, raw_md5s, _, gz_md5 = _idx_meta(name)
+    dest = dest_root / folder
     dest.mkdir(parents=True, exist_ok=True)
-    for raw, raw_md5 in FMNIST_RAW_MD5.items():
+    for raw, raw_md5 in raw_md5s.items():
         gz = src_dir / f"{raw}.gz"
-        archive_ok = not verify or check_integrity(str(gz), FMNIST_GZ_MD5[gz.name])
+        archive_ok = not verify or check_integrity(str(gz), gz_md5[gz.name])
         _gunzip(gz, dest / raw)
-        if verify and archive_ok:  # the original archive (gzip checked its CRC): so are its contents
+        if verify and archive_ok and raw_md5:  # the original archive (gzip checked its CRC): so are its contents
             _remember_md5(dest / raw, raw_md5)
-        elif not archive_ok and file_md5(dest / raw) != raw_md5:
+        elif not archive_ok and (raw_md5 is None or file_md5(dest / raw) != raw_md5):
             (dest / raw).unlink()
             raise BnexpError(f"{gz}: md5 mismatch, neither the archive nor its contents are the original "
-                             "FashionMNIST; delete it and get it again (or pass verify=False for other data)")
+                             f"{DATASETS[name].title}; delete it and get it again (or pass verify=False for other data)")
 
 
-def _locate_fmnist(root: Path, verify: bool, download: bool) -> Path:
-    """A root whose FashionMNIST/raw holds the four unpacked files, unpacking or downloading if needed."""
-    spec, cache = DATASETS["fashion_mnist"], user_cache_dir() / "data"
-    if _has_raw(root):
+def _locate_idx(root: Path, verify: bool, download: bool, name: str = "fashion_mnist") -> Path:
+    """A root whose <Name>/raw holds the four unpacked files, unpacking or downloading if needed."""
+    spec, cache, cls = DATASETS[name], user_cache_dir() / "data", IDX_CLASSES[name]
+    folder, raw_md5, _, _ = _idx_meta(name)
+    if _has_raw(root, name):
         return root
-    gz_dir = root / FMNIST_FOLDER
-    if all((gz_dir / f"{raw}.gz").is_file() for raw in FMNIST_RAW_MD5):
-        dest = _unpack_root(root, FMNIST_FOLDER)
-        if not _has_raw(dest):
-            _unpack_fmnist(gz_dir, dest, verify)
+    gz_dir = root / folder
+    if all((gz_dir / f"{raw}.gz").is_file() for raw in raw_md5):
+        dest = _unpack_root(root, folder)
+        if not _has_raw(dest, name):
+            _unpack_idx(gz_dir, dest, verify, name)
         return dest
-    if _has_raw(cache):
+    if _has_raw(cache, name):
         return cache
-    sources = OFFLINE_SOURCES.get("fashion_mnist", [])
+    sources = OFFLINE_SOURCES.get(name, [])
     for src in sources:
-        if all((src / f"{raw}.gz").is_file() for raw in FMNIST_RAW_MD5):
-            dest = _unpack_root(root, FMNIST_FOLDER)
-            _unpack_fmnist(src, dest, verify)
+        if all((src / f"{raw}.gz").is_file() for raw in raw_md5):
+            dest = _unpack_root(root, folder)
+            _unpack_idx(src, dest, verify, name)
             return dest
-    looked = [root / FMNIST_FOLDER, cache / FMNIST_FOLDER, *sources]
+    looked = [root / folder, cache / folder, *sources]
     if not download:
         raise _not_found(spec, looked, f"download disabled{f' by ${ENV_OFFLINE}' if _offline() else ''}")
-    dest = _unpack_root(root, FMNIST_FOLDER)
+    dest = _unpack_root(root, folder)
     try:
-        FashionMNIST(dest, train=True, download=True)
+        cls(dest, train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError; all mean "no data"
-        reason = f"download from {', '.join(FashionMNIST.mirrors)} failed: {_one_line(e)[:200]}"
+        reason = f"download from {', '.join(cls.mirrors)} failed: {_one_line(e)[:200]}"
         raise _not_found(spec, looked, reason) from e
     return dest
 
@@ -346,21 +366,21 @@ def _check_idx(path: Path, item_shape: tuple[int, ...]) -> int:
     return dims[0]
 
 
-def _load_fashion_mnist(root: Path, train: bool, verify: bool, download: bool):
-    base = _locate_fmnist(root, verify, download)
+def _load_idx(name: str, root: Path, train: bool, verify: bool, download: bool):
+    base, folder, cls = _locate_idx(root, verify, download, name), _idx_meta(name)[0], IDX_CLASSES[name]
     prefix = "train" if train else "t10k"
-    images, labels = (base / FMNIST_FOLDER / f"{prefix}-{k}-idx{d}-ubyte" for k, d in (("images", 3), ("labels", 1)))
+    images, labels = (base / folder / f"{prefix}-{k}-idx{d}-ubyte" for k, d in (("images", 3), ("labels", 1)))
     n_images, n_labels = _check_idx(images, (28, 28)), _check_idx(labels, ())
     if n_images != n_labels:
         raise BnexpError(f"{labels}: {n_labels} labels for {n_images} images in {images.name}; "
                          "the files do not belong together")
     if verify:  # torchvision checks no md5 of unpacked files: a flipped byte would train silently
-        _verify_raw(images)
-        _verify_raw(labels)
+        _verify_raw(images, name)
+        _verify_raw(labels, name)
     try:  # the headers were checked above, so a failure here is unexpected: still say where
-        ds = FashionMNIST(base, train=train, download=False)
+        ds = cls(base, train=train, download=False)
     except Exception as e:
-        raise BnexpError(f"cannot load FashionMNIST from {base / FMNIST_FOLDER}: {_one_line(e)}") from e
+        raise BnexpError(f"cannot load {DATASETS[name].title} from {base / folder}: {_one_line(e)}") from e
     _check_labels(ds.targets, len(ds.data), 10, str(labels))
     return ds.data.unsqueeze(1), ds.targets.long()
 
@@ -451,7 +471,13 @@ DATASETS: dict[str, DatasetSpec] = {
         "(or run torchvision.datasets.FashionMNIST(root, download=True) on a machine with internet) "
         "into <data_dir>/FashionMNIST/raw/, or install the Debian/Ubuntu package dataset-fashion-mnist; "
         f"point bnexp at the data with data_dir=... or ${ENV_DATA_DIR}",
-        _load_fashion_mnist),
+        functools.partial(_load_idx, "fashion_mnist")),
+    "mnist": DatasetSpec(
+        "mnist", "MNIST", 10, 1, 28,
+        "Run torchvision.datasets.MNIST(root, download=True) on a machine with internet (or copy its four "
+        "train-/t10k- .gz files) into <data_dir>/MNIST/raw/; "
+        f"point bnexp at the data with data_dir=... or ${ENV_DATA_DIR}",
+        functools.partial(_load_idx, "mnist")),
     "cifar100": DatasetSpec(
         "cifar100", "CIFAR-100", 100, 3, 32,
         f"Download {CIFAR100.url} (or run torchvision.datasets.CIFAR100(root, download=True) on a machine "

@@ -77,10 +77,11 @@ def write_idx(path: Path, a: np.ndarray, gz: bool = False) -> Path:
 
 
 def write_fashion_mnist(root: Path, n_train: int = 512, n_test: int = 256, gz: bool = False,
-                        seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write a synthetic FashionMNIST into root/FashionMNIST/raw/ (unpacked, or .gz files if gz)."""
+                        seed: int = 0, folder: str = "FashionMNIST") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write a synthetic FashionMNIST into root/FashionMNIST/raw/ (unpacked, or .gz files if gz);
+    folder="MNIST" writes the same format where torchvision's MNIST looks (MNIST/raw/)."""
     arrays = fashion_mnist_arrays(n_train, n_test, seed)
-    raw = Path(root) / "FashionMNIST" / "raw"
+    raw = Path(root) / folder / "raw"
     for split, (x, y) in arrays.items():
         images, labels = FMNIST_NAMES[split]
         write_idx(raw / images, x, gz=gz)

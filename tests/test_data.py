@@ -53,8 +53,10 @@ def test_registry():
     fm, c100 = DATASETS["fashion_mnist"], DATASETS["cifar100"]
     assert (fm.num_classes, fm.in_channels, fm.image_size) == (10, 1, 28)
     assert (c100.num_classes, c100.in_channels, c100.image_size) == (100, 3, 32)
-    with pytest.raises(BnexpError, match="unknown data set 'mnist'; choose one of fashion_mnist, cifar100"):
-        load_split("mnist", None, True, None, "cpu")
+    mn = DATASETS["mnist"]
+    assert (mn.num_classes, mn.in_channels, mn.image_size) == (10, 1, 28)
+    with pytest.raises(BnexpError, match="unknown data set 'svhn'; choose one of fashion_mnist, mnist, cifar100"):
+        load_split("svhn", None, True, None, "cpu")
 
 
 # ======================================================================== loading synthetic data
