@@ -144,9 +144,9 @@ def sweep(
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
     if dry_run:  # a grid above the maximum is counted and previewed, never expanded
-        p, grid = S.preset_grid(list(overrides or []), preset)
-        if grid.size > max_runs:
-            typer.echo(S.describe_grid(p, grid, max_runs))
+        p, grids = S.preset_grid(list(overrides or []), preset)
+        if sum(g.size for g in grids) > max_runs:
+            typer.echo(S.describe_grid(p, grids, max_runs))
             return
     plan = S.plan(list(overrides or []), preset=preset, quiet=parallel, max_runs=max_runs)
     S.check_inputs(plan)

@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -42,13 +42,22 @@ PREVIEW = 10  # grid points that --dry-run lists for a grid above the maximum
 
 @dataclass
 class Preset:
-    """A named grid: `params` maps config keys to a value or sweep in Hydra's override grammar."""
+    """A named grid: `params` maps config keys to a value or sweep in Hydra's override grammar.
+
+    `arms` (optional) makes it a union of grids: each arm's entries replace or add to `params`,
+    for experiments whose arms are not a Cartesian product (d2l's three runs: scratch BN at lr 1.0
+    with the biased running variance, nn.BatchNorm at lr 1.0, no BN at lr 0.9).
+    """
     name: str
     description: str
     params: dict[str, str]
+    arms: list[dict[str, str]] = field(default_factory=lambda: [{}])
 
-    def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.params.items()]
+    def overrides(self, arm: dict[str, str] | None = None) -> list[str]:
+        return [f"{k}={v}" for k, v in {**self.params, **(arm or {})}.items()]
+
+    def arm_overrides(self) -> list[list[str]]:
+        return [self.overrides(arm) for arm in self.arms]
 
 
 def preset_names() -> list[str]:
@@ -81,11 +90,15 @@ def load_preset(name: str) -> Preset:
     except OSError as e:
         raise BnexpError(f"{path}: cannot read the preset ({e.strerror or e})") from None
     params = doc.get("params") if isinstance(doc, dict) else None
+    arms = doc.get("arms", [{}]) if isinstance(doc, dict) else None
     if not isinstance(doc, dict) or not isinstance(doc.get("description"), str) or not isinstance(params, dict) or \
             not all(isinstance(v, str) for v in params.values()):
         raise BnexpError(f"{path}: a preset needs `description: <one line>` and `params:` mapping each "
                          f"key to a value or sweep in override grammar (e.g. `lr: 0.01,0.1`)")
-    return Preset(name, doc["description"], dict(params))
+    if not isinstance(arms, list) or not arms or not all(
+            isinstance(a, dict) and all(isinstance(v, str) for v in a.values()) for a in arms):
+        raise BnexpError(f"{path}: `arms:` must be a list of mappings of keys to values or sweeps, like `params:`")
+    return Preset(name, doc["description"], dict(params), [dict(a) for a in arms])
 
 
 # ----------------------------------------------------------------------------- grid expansion
@@ -239,12 +252,29 @@ class Plan:
     fixed: list[str]
     points: list[Point]
     merged: int = 0
+    arms: list[str] = field(default_factory=list)  # each arm's own entries, for a preset with several
 
 
-def preset_grid(overrides: list[str] = (), preset: str | None = None) -> tuple[Preset, Grid]:
-    """The preset (the default one when None) and the grid it makes with the user's overrides, unexpanded."""
+def preset_grid(overrides: list[str] = (), preset: str | None = None) -> tuple[Preset, list[Grid]]:
+    """The preset (the default one when None) and the grid of each of its arms with the user's
+    overrides (which come last, so they replace the preset's and the arms' entries), unexpanded."""
     p = load_preset(DEFAULT_PRESET if preset is None else preset)
-    return p, parse_grid(p.overrides() + list(overrides))
+    return p, [parse_grid(arm + list(overrides)) for arm in p.arm_overrides()]
+
+
+def _merge_axes(arm_axes: list[dict[str, list[str]]], points: list[list[str]]) -> dict[str, list[str]]:
+    """The keys that vary over the whole grid, with their values in order: those swept in an arm, those
+    the arms set to different values, and those only some arms set."""
+    values: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
+    for point in points:
+        for o in point:
+            k, _, v = o.partition("=")
+            seen[k] = seen.get(k, 0) + 1
+            if v not in values.setdefault(k, []):
+                values[k].append(v)
+    swept = {k for axes in arm_axes for k in axes}
+    return {k: v for k, v in values.items() if k in swept or len(v) > 1 or seen[k] < len(points)}
 
 
 def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = False,
@@ -254,8 +284,13 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
     `quiet` turns per-run progress bars off (parallel runs); `progress` is not part of the run id.
     A grid of more than `max_runs` points is refused before it is expanded.
     """
-    p = load_preset(DEFAULT_PRESET if preset is None else preset)
-    axes, grid = expand(p.overrides() + list(overrides), max_runs)
+    p, grids = preset_grid(overrides, preset)
+    if len(grids) > 1 and (size := sum(g.size for g in grids)) > max_runs:
+        raise BnexpError(f"the grid has {size:,} points over the preset's {len(grids)} arms, more than the maximum "
+                         f"of {max_runs:,} runs; narrow the grid, or pass --max-runs {size} to run it anyway")
+    expanded = [expand(arm + list(overrides), max_runs) for arm in p.arm_overrides()]
+    grid = [point for _, points in expanded for point in points]
+    axes = _merge_axes([a for a, _ in expanded], grid)
     swept = set(axes)
     fixed = [o for o in grid[0] if o.split("=", 1)[0] not in swept] if grid else []
     points, seen, merged = [], set(), 0
@@ -271,7 +306,8 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
             continue
         seen.add((cfg.results_dir, run_id))
         points.append(Point(point, cfg, run_id))
-    return Plan(p.name, axes, fixed, points, merged)
+    arms = [" ".join(f"{k}={v}" for k, v in arm.items()) for arm in p.arms] if len(p.arms) > 1 else []
+    return Plan(p.name, axes, fixed, points, merged, arms)
 
 
 def check_inputs(pl: Plan) -> None:
@@ -299,19 +335,26 @@ def _values_text(values: list[str], most: int = 12) -> str:
     return f"{','.join(values[:3])},...,{values[-1]} ({len(values):,} values)"
 
 
-def describe_grid(p: Preset, grid: Grid, max_runs: int = MAX_RUNS) -> str:
+def describe_grid(p: Preset, grids: list[Grid], max_runs: int = MAX_RUNS) -> str:
     """For --dry-run of a grid above the maximum: its size and first points, none of them composed."""
-    lines = [f"sweep: {grid.size:,} grid points (preset {p.name}): {grid.axes_text()}",
+    size = sum(g.size for g in grids)
+    axes = " + ".join(f"({g.axes_text()})" for g in grids) if len(grids) > 1 else grids[0].axes_text()
+    lines = [f"sweep: {size:,} grid points (preset {p.name}): {axes}",
              f"  more than the maximum of {max_runs:,} runs: not expanded or composed; a sweep of it needs "
-             f"--max-runs {grid.size} (or a narrower grid)",
-             f"  first {min(PREVIEW, grid.size)} points:"]
-    lines += [f"  {' '.join(point)}" for point in grid.preview(PREVIEW)]
+             f"--max-runs {size} (or a narrower grid)",
+             f"  first {min(PREVIEW, size)} points:"]
+    first = [point for g in grids for point in g.preview(PREVIEW)][:PREVIEW]
+    lines += [f"  {' '.join(point)}" for point in first]
     return "\n".join(lines)
 
 
 def describe(pl: Plan) -> str:
     """What will run: the number of runs, the grid axes, the fixed overrides."""
     grid = " x ".join(f"{k}={_values_text(v)}" for k, v in pl.axes.items()) or "a single point"
+    if pl.arms:  # a union of grids: say which
+        own = {o.split("=", 1)[0] for arm in pl.arms for o in arm.split()}
+        shared = " x ".join(f"{k}={_values_text(v)}" for k, v in pl.axes.items() if k not in own)
+        grid = (f"{shared} x " if shared else "") + "(" + " | ".join(pl.arms) + ")"
     dirs = sorted({str(p.results_dir) for p in pl.points})
     lines = [f"sweep: {len(pl.points)} run{'s' * (len(pl.points) != 1)} (preset {pl.preset}): {grid}"]
     if pl.fixed:
@@ -343,9 +386,8 @@ def format_presets() -> str:
     """One line per preset: name, number of runs, description."""
     lines = []
     for name in preset_names():
-        p = load_preset(name)
-        _, grid = expand(p.overrides())
-        lines.append(f"  {name:<30} {len(grid):>3} runs  {p.description}")
+        p, grids = preset_grid([], name)
+        lines.append(f"  {name:<30} {sum(g.size for g in grids):>3} runs  {p.description}")
     return "presets (bnexp sweep --preset NAME [KEY=VALUE...]):\n" + "\n".join(lines)
 
 
