@@ -227,6 +227,15 @@ def _progress_bar(cfg, total: int, initial: int):
                 dynamic_ncols=True, disable=None)
 
 
+def _epoch_line(bar, cfg, row: dict) -> None:
+    """One line that stays per finished epoch (as pytorch/examples and Keras print), above the step
+    bar; nothing with progress=false, so scripts get only the final summary line."""
+    if bar is None:
+        return
+    bar.write(f"epoch {row['epoch']}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}"
+              f"  test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}  {row['seconds']:.1f}s", file=sys.stderr)
+
+
 def _attempt(started: str) -> dict:
     """What run.json says about this attempt's code: asked once per attempt (git runs a subprocess)."""
     return {"started": started, "versions": versions(), "git_commit": git_commit()}
@@ -460,6 +469,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                    "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
                    "lr": lr, "seconds": round(ep["seconds"], 4)}
             state["metrics"].append(row)
+            _epoch_line(bar, cfg, row)
             tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
             if epoch in probe_at:
                 _probe(s, state, probe_x, epoch, step0, samples, tb)

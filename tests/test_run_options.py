@@ -52,3 +52,14 @@ def test_lr_scale_batch_applies_the_linear_scaling_rule(synth_data_dir, tmp_path
     assert [float(row["lr"]) for row in _rows(r.path / "metrics.csv")] == [0.4 * 32 / 128]
     assert C.run_id(C.compose(["lr_scale_batch=null"])) == C.run_id(C.compose([]))
     assert C.run_id(C.compose(["lr_scale_batch=256"])) != C.run_id(C.compose([]))
+
+
+def test_one_line_per_epoch_stays_unless_progress_is_off(synth_data_dir, tmp_path, capsys):
+    with bn_functional.use_backend("eager"):
+        T.run(_cfg(synth_data_dir, tmp_path / "a", "progress=true"))
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+        T.run(_cfg(synth_data_dir, tmp_path / "b"))
+        quiet = capsys.readouterr().err
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "train_loss" in lines[0] and "test_acc" in lines[0] and lines[0].endswith("s")
+    assert "epoch 1/2" not in quiet
