@@ -78,7 +78,7 @@ def train(
     """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
     from . import config, train as T
 
-    args = list(overrides or []) + ([f"bn={bn.value}"] if bn else [])
+    args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)
     try:
         result = T.run(cfg, force=force)
@@ -121,6 +121,7 @@ def sweep(
                                                     help="Hydra overrides and sweeps on conf/config.yaml."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A grid from conf/experiment/ "
                                          "(default: default; see --list-presets)."),
+    bn: Optional[str] = typer.Option(None, "--bn", help="Shortcut for bn=on|off|on,off (replaces the preset's bn)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once (default: 1 for local, "
                                        "the CPU cores for joblib, all for submitit)."),
     launcher: Launcher = typer.Option(Launcher.local, "--launcher", help="local processes | joblib (loky) | "
@@ -141,6 +142,9 @@ def sweep(
     if list_presets:
         typer.echo(S.format_presets())
         return
+    if bn is not None and bn.replace(" ", "").lower() not in ("on", "off", "on,off", "off,on"):
+        raise BnexpError(f"--bn must be on, off or on,off, got {bn!r}")
+    overrides = with_bn(list(overrides or []), bn.replace(" ", "").lower() if bn else None)
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
     if dry_run:  # a grid above the maximum is counted and previewed, never expanded
@@ -179,6 +183,16 @@ def crash_line(e: Exception) -> str:
         return (f"{what} writing {e.filename or 'the run directory'}: {e.strerror}; free space there and rerun "
                 f"the same command to resume from the last finished epoch{where}")
     return f"{type(e).__name__}: {e}{where}"
+
+
+def with_bn(overrides: list[str], bn: str | None) -> list[str]:
+    """The --bn shortcut as the override bn=...; the same key given differently is a contradiction."""
+    if bn is None:
+        return overrides
+    given = [o for o in overrides if o.lstrip("+~").partition("=")[0] == "bn"]
+    if given and given[-1].partition("=")[2].strip().lower() != bn.lower():
+        raise BnexpError(f"--bn {bn} conflicts with {given[-1]}; give one of them")
+    return overrides + [f"bn={bn}"]
 
 
 def summary_line(r) -> str:

@@ -316,12 +316,31 @@ def _interpolation_error(cfg: DictConfig, e: Exception) -> BnexpError:
                       f"value instead (e.g. {key}=<value>), or set what it refers to")
 
 
+def check_bn_shortcut(overrides: list[str]) -> None:
+    """`bn` is a shortcut for `norm`: an explicit bn=off beside an explicit norm, or bn=on beside
+    norm=none, contradicts it (the config files alone never do: their bn is null)."""
+    given = {}
+    for o in overrides:
+        key, sep, value = o.lstrip("+~").partition("=")
+        if sep and key in ("bn", "norm", "norm.kind"):
+            given["norm" if key == "norm.kind" else key] = value.strip().strip("'\"").lower()
+    bn, norm = BOOL_WORDS.get(given.get("bn", ""), None), given.get("norm")
+    if bn is None or norm is None:
+        return
+    if not bn and norm != "none":
+        raise BnexpError(f"bn=off conflicts with norm={norm}: bn=off means norm=none; give one of them "
+                         f"(norm={norm} for that layer, or bn=off for none)")
+    if bn and norm == "none":
+        raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
+
+
 def compose(overrides: list[str] = ()) -> DictConfig:
     """Hydra overrides -> validated, resolved, read-only config."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = apply_aliases(list(overrides))
+    check_bn_shortcut(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
