@@ -76,10 +76,12 @@ def train(
     force: bool = typer.Option(False, "--force", help="Retrain even if this config already finished."),
 ):
     """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
-    from . import config, train as T
+    from . import config
 
     args = with_bn(list(overrides or []), bn.value if bn else None)
-    cfg = config.compose(args)
+    cfg = config.compose(args)  # bad input is answered here, before torch is imported
+    from . import train as T
+
     try:
         result = T.run(cfg, force=force)
     except BnexpError:

@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as C
-from . import data
 from . import launch as L
-from . import train as T
 from .errors import BnexpError
 
 PRESET_DIR = C.CONF_DIR / "experiment"
@@ -312,6 +310,7 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
 
 def check_inputs(pl: Plan) -> None:
     """What `bnexp train` would reject at start-up (device, data, sizes), for every point, before any run."""
+    from . import data, train as T  # torch: not needed to plan, list or refuse a grid
     data_sizes: dict[tuple, tuple[int, int]] = {}  # each data source is read once for the whole grid
     for i, p in enumerate(pl.points, start=1):
         cfg = p.cfg
