@@ -33,6 +33,10 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        return self._normalize(input, self.weight, self.bias)
+
+    def _normalize(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """The batch norm of `input` with this affine (the BN variants pass a modified one); counts the batch."""
         # Same mode logic as torch.nn.modules.batchnorm._BatchNorm.forward.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -43,7 +47,7 @@ class _BatchNorm(_NormBase):
         # Buffers are updated only when tracking in train mode; eval without tracking uses batch stats.
         update = not self.training or self.track_running_stats
         return functional.batch_norm(input, self.running_mean if update else None, self.running_var if update else None,
-                            self.weight, self.bias, use_batch_stats, factor, self.eps,
+                            weight, bias, use_batch_stats, factor, self.eps,
                             biased_running_var=self.biased_running_var)
 
 
