@@ -61,6 +61,9 @@ def _assert_same(ours, ref, x, dtype, steps=1, what=""):
         y1, g1 = _forward_backward(ours, x, g)
         y2, g2 = _forward_backward(ref, x, g)
         assert y1.dtype == y2.dtype == dtype
+        if x.dim() == 4:  # the memory layout is torch's too
+            layout = torch.channels_last
+            assert y1.is_contiguous(memory_format=layout) == y2.is_contiguous(memory_format=layout), what
         torch.testing.assert_close(y1, y2, **TOL[dtype], msg=lambda m: f"{what} output: {m}")
         assert len(g1) == len(g2) == 3
         for name, a, b in zip(("input", "weight", "bias"), g1, g2):
@@ -78,7 +81,7 @@ SHAPES_4D = [("contiguous", (4, 6, 3, 5)), ("channels_last", (4, 6, 3, 5))]
 @pytest.mark.parametrize("groups", [None, 3, 2])
 def test_gn_parity(groups, layout, shape, dtype):
     ours = bnexp.nn.make_norm("gn", 6, len(shape) // 2, groups=groups).to(dtype)
-    ref = torch.nn.GroupNorm(6 if groups is None else groups, 6).to(dtype)
+    ref = torch.nn.GroupNorm({None: 6 if len(shape) == 4 else 3}.get(groups, groups), 6).to(dtype)
     assert ours.num_groups == ref.num_groups
     _randomise(ours, ref)
     _assert_same(ours, ref, _x(shape, dtype, layout), dtype)
@@ -154,6 +157,8 @@ def test_default_groups_rule():
     assert [resolve_groups(c, None) for c in (6, 16, 64, 100, 7, 1)] == [6, 16, 32, 25, 7, 1]
     assert bnexp.nn.make_norm("gn", 6, 2).num_groups == 6  # LeNet5's first conv
     assert bnexp.nn.make_norm("gn", 120, 1).num_groups == 30
+    assert [resolve_groups(c, None, dims=1) for c in (6, 84, 120, 2, 1)] == [3, 28, 30, 1, 1]
+    assert bnexp.nn.make_norm("gn", 6, 1).num_groups == 3  # a group of one feature would output the bias
     assert bnexp.nn.make_norm("gn", 64, 2, groups=4).num_groups == 4
 
 
@@ -496,6 +501,7 @@ def test_make_norm_kwargs_equal_hand_built_layer():
     ("in", 8, 1, {}, r"InstanceNorm2d \(kind 'in'\) is undefined for fully connected \(N, C\) inputs.*use 'ln'"),
     ("gn", 6, 2, dict(groups=4), "GroupNorm: groups=4 does not divide the 6 channels"),
     ("gn", 6, 2, dict(groups=0), "GroupNorm: groups must be a positive integer"),
+    ("gn", 6, 1, dict(groups=6), r"GroupNorm: groups=6 on fully connected \(N, 6\) inputs leaves one feature"),
     ("brn", 6, 2, dict(r_max=0.5), r"BatchRenorm: r_max must be >= 1.0, got 0.5"),
     ("brn", 6, 2, dict(d_max=-1.0), r"BatchRenorm: d_max must be >= 0.0, got -1.0"),
     ("brn", 6, 2, dict(warmup_steps=-1), "BatchRenorm: warmup_steps must be an integer >= 0"),
@@ -552,3 +558,17 @@ def test_kinds_import_without_torch():
             "assert 'in' not in k.DIMS1_KINDS and 'gn' not in k.BATCH_STAT_KINDS and 'brn' in k.BATCH_STAT_KINDS; "
             "k.check_norm('gn', 6, 2)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,shape", SHAPES_4D + [("contiguous", (5, 6))], ids=["nchw", "nhwc", "nc"])
+def test_gn_compiled_parity(layout, shape):
+    """The Inductor-compiled group kernels (traced at generic sizes) against torch, incl. a size-1 spatial dim."""
+    with bnF.use_backend("compiled"):  # compiled raises instead of falling back to eager
+        for kind, groups in (("gn", 2), ("ln", 1)):
+            ours = bnexp.nn.make_norm(kind, 6, len(shape) // 2, **({"groups": groups} if kind == "gn" else {}))
+            ref = torch.nn.GroupNorm(groups, 6)
+            _randomise(ours, ref)
+            _assert_same(ours, ref, _x(shape, torch.float32, layout), torch.float32, what=kind)
+            _assert_same(ours, ref, _x((3, *shape[1:]), torch.float32, layout), torch.float32, what=kind)
+    assert {"group_forward", "group_backward"} <= {key[0] for key in bnF._compiled}, "nothing was compiled"

@@ -15,19 +15,114 @@ Fully connected (N, C) inputs: both normalise over the features (GN over the C/G
 group, LN over all C). The number of groups of `make_norm("gn", ...)` follows
 `bnexp.nn.kinds.resolve_groups`: groups=None (default) takes the largest divisor of C not above 32
 (Wu & He's default G = 32; LeNet5's 6 channels -> 6 groups, i.e. instance-like, 16 -> 16), while an
-explicit groups that does not divide C is a ValueError. GroupNorm(num_groups, C) itself, like torch's,
+explicit groups that does not divide C is a ValueError; on (N, C) inputs a group needs two
+features at least (default: the largest divisor not above min(32, C // 2), e.g. 120 -> 30). GroupNorm(num_groups, C) itself, like torch's,
 requires num_groups to divide C.
 
-The math is ATen's fused `torch.nn.functional.group_norm` (one kernel each way, its closed-form
-backward): parity with torch is exact and its speed is torch's. An in-repo compiled GN kernel would
-need the compiled-kernel machinery of `functional` to trace at sizes where G divides C; not done.
+The math is in-repo, as BN's: `group_forward` / `group_backward` below are pure functions of the
+input viewed as (N, G, C/G, S) (S = the spatial size, 1 for (N, C) inputs), with BN's numerics
+(the data shifted by one sample per group before the statistics, x - mean formed as d - mean(d))
+and the closed-form backward of Wu & He's normalisation
+    dL/dx = invstd * (h - mean(h) - x_hat * mean(h * x_hat)),  h = dL/dy * weight[c],
+the means over each sample's group. They run through `functional._run`: compiled by Inductor
+(one kernel each way, traced once at generic sizes with symbolic shapes) under the auto and
+compiled backends, plain torch ops under eager; there are no Triton kernels for them, so on CUDA
+auto/triton run them compiled. A channels_last input is copied to NCHW for the kernels and the
+output copied back to channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
+`torch.nn.functional.group_norm`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import functional
 from .kinds import resolve_groups
+
+_GENERIC, _GROUP = (7, 5, 11, 13), (5, 11)  # generic tracing sizes of x (N, G, C/G, S) and of weight (G, C/G)
+
+
+def _per_group(t: Tensor) -> Tensor:
+    """An (N, G) statistic shaped to broadcast against (N, G, C/G, S)."""
+    return t[:, :, None, None]
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """A (G, C/G) parameter shaped to broadcast against (N, G, C/G, S)."""
+    return t[None, :, :, None]
+
+
+def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """Normalise x (N, G, C/G, S) per sample and group; weight and bias are (G, C/G).
+
+    Returns (y, shift, delta, invstd), the statistics (N, G): the group mean is shift + delta
+    (see `functional.train_forward` for the numerics, which are the same).
+    """
+    xs = x.to(functional._stats_dtype(x))
+    shift = xs[:, :, 0, 0].clone()  # clone: no output aliasing an input in a compiled kernel
+    d = xs - _per_group(shift)
+    if functional._tracing or torch.compiler.is_compiling():
+        var, delta = torch.var_mean(d, dim=(2, 3), correction=0)
+        centred = d - _per_group(delta)
+    else:
+        delta = d.mean(dim=(2, 3))
+        centred = d - _per_group(delta)
+        var = (centred * centred).mean(dim=(2, 3))
+    invstd = torch.rsqrt(var + eps)
+    y = centred * _per_group(invstd)
+    if weight is not None:
+        y = y * _per_channel(weight.to(y.dtype))
+    if bias is not None:
+        y = y + _per_channel(bias.to(y.dtype))
+    return y.to(x.dtype), shift, delta, invstd
+
+
+def group_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, shift: Tensor, delta: Tensor, invstd: Tensor):
+    """Closed-form gradient of `group_forward`: (grad_x in x's dtype, grad_weight, grad_bias (G, C/G))."""
+    g = grad_y.to(invstd.dtype)
+    x_hat = (x.to(invstd.dtype) - _per_group(shift) - _per_group(delta)) * _per_group(invstd)
+    grad_weight = (g * x_hat).sum(dim=(0, 3))
+    grad_bias = g.sum(dim=(0, 3))
+    h = g if weight is None else g * _per_channel(weight.to(g.dtype))
+    grad_x = _per_group(invstd) * (h - h.mean(dim=(2, 3), keepdim=True)
+                                   - x_hat * (h * x_hat).mean(dim=(2, 3), keepdim=True))
+    return grad_x.to(x.dtype), grad_weight, grad_bias
+
+
+group_forward.example_shapes = (_GENERIC, _GROUP, _GROUP)
+group_backward.example_shapes = (_GENERIC, _GENERIC, _GROUP, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        x4 = x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+        w, b = (None if p is None else p.view(groups, -1) for p in (weight, bias))
+        y, shift, delta, invstd = functional._run("group_forward", group_forward, (x4, w, b), dict(eps=eps))
+        ctx.save_for_backward(x4, w, shift, delta, invstd)
+        ctx.shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        y = y.view(x.shape)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x4, w, shift, delta, invstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
+                                                 (grad_y.reshape(x4.shape), x4, w, shift, delta, invstd), {})
+        grad_x = grad_x.view(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.flatten().to(w.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad_b.flatten().to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Drop-in for `torch.nn.functional.group_norm` (in-repo math; see the module docstring)."""
+    if x.numel() == 0:
+        return F.group_norm(x, groups, weight, bias, eps)
+    return _GroupNormFunction.apply(x, weight, bias, groups, eps)
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -44,7 +139,7 @@ class GroupNorm(torch.nn.GroupNorm):
         if input.shape[1] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels, got input of size "
                              f"{tuple(input.shape)}")
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(GroupNorm):

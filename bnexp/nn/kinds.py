@@ -16,6 +16,10 @@ would raise, so a config can be checked before a model is built. The rule for `g
 `groups=None` (the default) takes the largest divisor of C not above DEFAULT_GROUPS = 32 (Wu &
 He's default), e.g. 6 channels (LeNet5's first conv) -> 6 groups, 16 -> 16, 64 -> 32; an explicit
 `groups` must divide C, else ValueError (a silent change of an explicit setting would hide a typo).
+For fully connected (N, C) inputs (dims=1) a group needs at least two features (one feature per
+group has one value per sample, so the output would be the bias): the default takes the largest
+divisor of C not above min(32, C // 2) (e.g. 120 -> 30, 84 -> 28, 6 -> 3) and an explicit
+groups > C // 2 is a ValueError.
 """
 
 NORM_KINDS = ("bn", "torch", "none", "gn", "ln", "in", "brn", "ghost", "noisy")
@@ -38,15 +42,20 @@ _LAYER_NAMES = {"bn": "BatchNorm", "torch": "torch.nn.BatchNorm", "gn": "GroupNo
                 "in": "InstanceNorm2d", "brn": "BatchRenorm", "ghost": "GhostBatchNorm", "noisy": "NoisyBatchNorm"}
 
 
-def resolve_groups(num_channels: int, groups: int | None) -> int:
+def resolve_groups(num_channels: int, groups: int | None, dims: int = 2) -> int:
     """The number of groups GroupNorm uses for `num_channels` (see the module docstring)."""
+    # (N, C) inputs: a group of one feature has one value per sample (output = bias), as IN there
+    most = num_channels // 2 if dims == 1 and num_channels > 1 else num_channels
     if groups is None:
-        return max(g for g in range(1, min(DEFAULT_GROUPS, num_channels) + 1) if num_channels % g == 0)
+        return max(g for g in range(1, min(DEFAULT_GROUPS, most) + 1) if num_channels % g == 0)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"GroupNorm: groups must be a positive integer, got {groups!r}")
     if num_channels % groups:
         raise ValueError(f"GroupNorm: groups={groups} does not divide the {num_channels} channels; choose a divisor "
                          f"of {num_channels}, or leave groups unset for the largest divisor not above {DEFAULT_GROUPS}")
+    if groups > most:
+        raise ValueError(f"GroupNorm: groups={groups} on fully connected (N, {num_channels}) inputs leaves one "
+                         f"feature per group (the output would be the bias); use at most {most} groups, or 'ln'")
     return groups
 
 
@@ -98,5 +107,5 @@ def check_norm(kind: str, num_features: int, dims: int, **kwargs) -> None:
         raise ValueError("BatchRenorm needs running statistics (r and d compare the batch with them); "
                          "track_running_stats=False is not defined for it")
     if kind == "gn":
-        resolve_groups(num_features, kwargs.get("groups"))
+        resolve_groups(num_features, kwargs.get("groups"), dims)
     check_layer_kwargs(kind, **kwargs)

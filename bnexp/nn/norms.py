@@ -26,7 +26,7 @@ def make_norm(kind: str, num_features: int, dims: int, **kwargs) -> nn.Module:
 
     kwargs go to the layer: eps, affine, device, dtype for every kind; momentum, track_running_stats,
     biased_running_var for the batch-statistics kinds (bn, brn, ghost, noisy; "torch" rejects
-    biased_running_var=True); groups for gn (None: the largest divisor of C not above 32);
+    biased_running_var=True); groups for gn (None: the largest divisor of C not above 32, C // 2 for dims=1);
     r_max, d_max, warmup_steps, r_max_steps, d_max_steps for brn; ghost_size for ghost; noise for
     noisy; momentum, track_running_stats for in. "none" ignores them. A keyword the kind does not
     take is a TypeError; an undefined combination (e.g. "in" with dims=1) a ValueError naming the layer.
@@ -39,7 +39,7 @@ def make_norm(kind: str, num_features: int, dims: int, **kwargs) -> nn.Module:
     if kind in _BY_DIMS:
         return _BY_DIMS[kind][dims - 1](num_features, **kwargs)
     if kind == "gn":
-        return GroupNorm(resolve_groups(num_features, kwargs.pop("groups", None)), num_features, **kwargs)
+        return GroupNorm(resolve_groups(num_features, kwargs.pop("groups", None), dims), num_features, **kwargs)
     if kind == "ln":
         return LayerNorm(num_features, **kwargs)
     return InstanceNorm2d(num_features, **kwargs)  # "in" (dims=2: check_norm refused dims=1)
