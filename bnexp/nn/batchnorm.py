@@ -35,8 +35,9 @@ class _BatchNorm(_NormBase):
         self._check_input_dim(input)
         return self._normalize(input, self.weight, self.bias)
 
-    def _normalize(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """The batch norm of `input` with this affine (the BN variants pass a modified one); counts the batch."""
+    def _normalize(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, return_stats: bool = False):
+        """The batch norm of `input` with this affine (the BN variants pass a modified one); counts the batch.
+        return_stats (training only): also the batch mean and running-variance estimate (functional.batch_norm)."""
         # Same mode logic as torch.nn.modules.batchnorm._BatchNorm.forward.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -48,7 +49,7 @@ class _BatchNorm(_NormBase):
         update = not self.training or self.track_running_stats
         return functional.batch_norm(input, self.running_mean if update else None, self.running_var if update else None,
                             weight, bias, use_batch_stats, factor, self.eps,
-                            biased_running_var=self.biased_running_var)
+                            biased_running_var=self.biased_running_var, return_stats=return_stats)
 
 
 class BatchNorm1d(_BatchNorm):

@@ -6,9 +6,12 @@ sigma_B = sqrt(var_B + eps) and the running sigma = sqrt(running_var + eps):
     r = clip(sigma_B / sigma, 1 / r_max, r_max),  d = clip((mu_B - running_mean) / sigma, -d_max, d_max)
     y = weight * ((x - mu_B) / sigma_B * r + d) + bias
 r and d are constants in backward (stop_gradient in the paper); they are computed under no_grad
-before the step, from the running statistics as they are before this batch updates them. The
-layer is BN's kernel with the affine weight * r and bias + weight * d, so with r_max = 1 and
-d_max = 0 it is BN bit for bit (outputs, gradients, running statistics). The running statistics
+from the batch statistics of BN's kernel and the running statistics as they were before this
+batch updated them. The layer runs BN's kernel with weight and no bias (y0 = weight * x_hat),
+then one elementwise y0 * r + (bias + weight * d), so it costs BN plus one pass each way. While
+r_max(t) = 1 and d_max(t) = 0 (warm-up, or r_max = 1 and d_max = 0) it is BN's forward itself,
+bit for bit (outputs, gradients, running statistics); the r/d path with r = 1, d = 0 equals BN
+to rounding. The running statistics
 are updated as BN's (PyTorch momentum convention, unbiased running_var unless biased_running_var).
 Eval mode normalises with the running statistics, as BN. Requires track_running_stats=True.
 
@@ -67,22 +70,20 @@ class _BatchRenorm(_BatchNorm):
         r_max, d_max = self.limits(int(self.num_batches_tracked))
         if r_max == 1.0 and d_max == 0.0:  # r = 1, d = 0: plain BN (no statistics pass)
             return self._normalize(input, self.weight, self.bias)
-        functional.verify_batch_size(input.shape)
+        with torch.no_grad():  # the running statistics before this batch updates them
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        y, mean, var = self._normalize(input, self.weight, None, return_stats=True)
         with torch.no_grad():
-            x = input.detach().to(functional._stats_dtype(input))
-            dims = functional._reduced_dims(x)
-            mean = x.mean(dim=dims)
-            centred = x - functional._per_channel(mean, x.dim())
-            sigma_batch = torch.sqrt((centred * centred).mean(dim=dims) + self.eps)
-            sigma = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
-            r = (sigma_batch / sigma).clamp_(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.to(x.dtype)) / sigma).clamp_(-d_max, d_max)
-        if self.weight is None:
-            weight, bias = r, d
-        else:
-            weight = self.weight * r.to(self.weight.dtype)
-            bias = self.bias + self.weight * d.to(self.weight.dtype)
-        return self._normalize(input, weight, bias)
+            if not self.biased_running_var:  # back to the biased batch variance that normalised
+                n = input.numel() // input.shape[1]
+                var = var * ((n - 1) / n)
+            sigma = torch.sqrt(running_var.to(var.dtype) + self.eps)
+            r = (torch.sqrt(var + self.eps) / sigma).clamp_(1.0 / r_max, r_max)
+            d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp_(-d_max, d_max)
+            view = (1, -1) + (1,) * (input.dim() - 2)
+        # y = weight * x_hat (BN's kernel without the bias): weight * (x_hat * r + d) + bias = y * r + shift
+        shift = d if self.weight is None else self.bias.to(d.dtype) + self.weight.to(d.dtype) * d
+        return torch.addcmul(shift.view(view), y, r.view(view)).to(y.dtype)  # in the statistics dtype
 
 
 class BatchRenorm1d(_BatchRenorm, BatchNorm1d):

@@ -401,7 +401,8 @@ def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, biased_running_var: bool = False) -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, biased_running_var: bool = False,
+               return_stats: bool = False) -> Tensor:
     """Drop-in for `torch.nn.functional.batch_norm` (same arguments, plus `biased_running_var`).
 
     training=True: normalise with the biased batch variance and update the running buffers that
@@ -410,6 +411,8 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     the unbiased batch variance, or the biased one with `biased_running_var` (the convention of
     the from-scratch layers of d2l.ai and moon-hotel/DeepLearningWithMe).
     training=False: normalise with the running buffers.
+    return_stats=True (training with a non-empty input only): (y, batch mean, batch variance for the
+    running estimate), the statistics without gradient (for Batch Renormalization).
     """
     if training and x.numel() == 0:  # as torch: an empty output, running statistics untouched
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
@@ -422,7 +425,7 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
             for running, batch in ((running_mean, mean), (running_var, var)):
                 if running is not None:
                     _update_running(running, batch, momentum)
-        return y
+        return (y, mean, var) if return_stats else y
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are required when training=False")
     with torch.no_grad():

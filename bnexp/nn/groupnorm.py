@@ -16,8 +16,8 @@ group, LN over all C). The number of groups of `make_norm("gn", ...)` follows
 `bnexp.nn.kinds.resolve_groups`: groups=None (default) takes the largest divisor of C not above 32
 (Wu & He's default G = 32; LeNet5's 6 channels -> 6 groups, i.e. instance-like, 16 -> 16), while an
 explicit groups that does not divide C is a ValueError; on (N, C) inputs a group needs two
-features at least (default: the largest divisor not above min(32, C // 2), e.g. 120 -> 30). GroupNorm(num_groups, C) itself, like torch's,
-requires num_groups to divide C.
+features at least (default: the largest divisor not above min(32, C // 2), e.g. 120 -> 30).
+GroupNorm(num_groups, C) itself, like torch's, requires num_groups to divide C.
 
 The math is in-repo, as BN's: `group_forward` / `group_backward` below are pure functions of the
 input viewed as (N, G, C/G, S) (S = the spatial size, 1 for (N, C) inputs), with BN's numerics
