@@ -414,7 +414,7 @@ def test_noisy_distribution():
     noisy = layer(x)
     y = bn(x)
     torch.manual_seed(3)
-    s = torch.rand_like(y) * 0.5 + 1
+    s = torch.rand_like(y) * 0.5 + 1  # uniform_(a, b) draws a + (b - a) * U(0, 1) from the same stream
     m = torch.rand_like(y) * 1.0 - 0.5
     torch.testing.assert_close(noisy, y * s + m)
     assert 0.38 < (noisy - y).std() < 0.44 and (noisy - y).abs().max() > 0.4

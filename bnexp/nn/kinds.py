@@ -59,19 +59,16 @@ def resolve_groups(num_channels: int, groups: int | None, dims: int = 2) -> int:
     return groups
 
 
-def _check_at_least(name: str, layer: str, value, low: float, inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= low if inclusive
-                                                                            else value > low):
-        raise ValueError(f"{layer}: {name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+def _check_at_least(name: str, layer: str, value, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:  # also NaN
+        raise ValueError(f"{layer}: {name} must be >= {low}, got {value!r}")
 
 
 def check_layer_kwargs(kind: str, **kwargs) -> None:
     """Range checks shared by the layers' constructors and check_norm (ValueError with the layer's name)."""
     layer = _LAYER_NAMES.get(kind, kind)
-    if kwargs.get("r_max", 1.0) is not None:
-        _check_at_least("r_max", layer, kwargs.get("r_max", 1.0), 1.0)
-    if kwargs.get("d_max", 0.0) is not None:
-        _check_at_least("d_max", layer, kwargs.get("d_max", 0.0), 0.0)
+    _check_at_least("r_max", layer, kwargs.get("r_max", 1.0), 1.0)
+    _check_at_least("d_max", layer, kwargs.get("d_max", 0.0), 0.0)
     for steps in ("warmup_steps", "r_max_steps", "d_max_steps"):
         value = kwargs.get(steps, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -80,8 +77,6 @@ def check_layer_kwargs(kind: str, **kwargs) -> None:
     if isinstance(ghost_size, bool) or not isinstance(ghost_size, int) or ghost_size < 1:
         raise ValueError(f"{layer}: ghost_size must be an integer >= 1, got {ghost_size!r}")
     _check_at_least("noise", layer, kwargs.get("noise", 0.0), 0.0)
-    if "eps" in kwargs:
-        _check_at_least("eps", layer, kwargs["eps"], 0.0, inclusive=False)
 
 
 def check_norm(kind: str, num_features: int, dims: int, **kwargs) -> None:

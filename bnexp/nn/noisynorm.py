@@ -43,8 +43,8 @@ class _NoisyBatchNorm(_BatchNorm):
         if not self.training or self.noise == 0.0 or y.numel() == 0:
             return y
         with torch.no_grad():
-            scale = torch.rand_like(y).mul_(self.noise).add_(1.0)  # U(1, 1 + noise)
-            shift = torch.rand_like(y).mul_(2.0 * self.noise).sub_(self.noise)  # U(-noise, noise)
+            scale = torch.empty_like(y).uniform_(1.0, 1.0 + self.noise)
+            shift = torch.empty_like(y).uniform_(-self.noise, self.noise)
         return torch.addcmul(shift, y, scale)
 
 
