@@ -328,11 +328,15 @@ def test_ghost_sizes_rule():
     assert ghost_sizes(3, 1) == [1, 1, 1]
 
 
-@pytest.mark.parametrize("n,sizes", [(10, [4, 4, 2]), (9, [4, 5])])
-def test_ghost_is_bn_per_virtual_batch(n, sizes):
+@pytest.mark.parametrize("n,sizes,layout,momentum", [(10, [4, 4, 2], "contiguous", 0.3), (9, [4, 5], "contiguous", 0.3),
+                                                      (12, [4, 4, 4], "contiguous", 0.3),
+                                                      (12, [4, 4, 4], "channels_last", None),
+                                                      (13, [4, 4, 5], "channels_last", 0.3)])
+def test_ghost_is_bn_per_virtual_batch(n, sizes, layout, momentum):
     """Output and gradients = bn on each virtual batch; running stats updated once per virtual batch, in order."""
-    ours, ref = _pair("ghost", 2, 3, ghost_size=4, momentum=0.3)
-    x, g = _x((n, 3, 2, 2), torch.float64 if False else torch.float32), torch.randn(n, 3, 2, 2)
+    ours, ref = _pair("ghost", 2, 3, ghost_size=4, momentum=momentum)
+    assert ref.momentum == momentum
+    x, g = _x((n, 3, 2, 2), torch.float32, layout), torch.randn(n, 3, 2, 2)
     y1, (gx1, gw1, gb1) = _forward_backward(ours, x, g)
     ys, gxs, gw, gb = [], [], 0, 0
     for xc, gc in zip(x.split(sizes), g.split(sizes)):
@@ -343,8 +347,10 @@ def test_ghost_is_bn_per_virtual_batch(n, sizes):
     torch.testing.assert_close(gx1, torch.cat(gxs))
     torch.testing.assert_close(gw1, gw)
     torch.testing.assert_close(gb1, gb)
-    _assert_buffers_equal(ours, ref)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), msg=name)
     assert ours.num_batches_tracked.item() == len(sizes)
+    assert y1.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
 def test_ghost_gradcheck():
