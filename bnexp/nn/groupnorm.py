@@ -61,13 +61,9 @@ def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     xs = x.to(functional._stats_dtype(x))
     shift = xs[:, :, 0, 0].clone()  # clone: no output aliasing an input in a compiled kernel
     d = xs - _per_group(shift)
-    if functional._tracing or torch.compiler.is_compiling():
-        var, delta = torch.var_mean(d, dim=(2, 3), correction=0)
-        centred = d - _per_group(delta)
-    else:
-        delta = d.mean(dim=(2, 3))
-        centred = d - _per_group(delta)
-        var = (centred * centred).mean(dim=(2, 3))
+    delta = d.mean(dim=(2, 3))
+    centred = d - _per_group(delta)
+    var = (centred * centred).mean(dim=(2, 3))
     invstd = torch.rsqrt(var + eps)
     y = centred * _per_group(invstd)
     if weight is not None:
@@ -78,14 +74,24 @@ def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 def group_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, shift: Tensor, delta: Tensor, invstd: Tensor):
-    """Closed-form gradient of `group_forward`: (grad_x in x's dtype, grad_weight, grad_bias (G, C/G))."""
+    """Closed-form gradient of `group_forward`: (grad_x in x's dtype, grad_weight, grad_bias (G, C/G)).
+
+    One reduction pass over g and x gives the per-(sample, channel) sums of g and g * (x - mean);
+    everything else is on (N, G, C/G) statistics, then one elementwise pass writes grad_x (as ATen).
+    """
     g = grad_y.to(invstd.dtype)
-    x_hat = (x.to(invstd.dtype) - _per_group(shift) - _per_group(delta)) * _per_group(invstd)
-    grad_weight = (g * x_hat).sum(dim=(0, 3))
-    grad_bias = g.sum(dim=(0, 3))
+    centred = x.to(invstd.dtype) - _per_group(shift) - _per_group(delta)
+    sum_g = g.sum(dim=3)  # (N, G, C/G)
+    sum_g_centred = (g * centred).sum(dim=3)
+    invstd3 = invstd[:, :, None]
+    grad_weight = (sum_g_centred * invstd3).sum(dim=0)
+    grad_bias = sum_g.sum(dim=0)
+    values = x.shape[2] * x.shape[3]  # per sample and group
+    w = None if weight is None else weight.to(g.dtype)[None]
+    mean_h = (sum_g if w is None else sum_g * w).sum(dim=2) / values  # mean of h = g * weight over the group
+    mean_h_xhat = (sum_g_centred if w is None else sum_g_centred * w).sum(dim=2) * invstd / values
     h = g if weight is None else g * _per_channel(weight.to(g.dtype))
-    grad_x = _per_group(invstd) * (h - h.mean(dim=(2, 3), keepdim=True)
-                                   - x_hat * (h * x_hat).mean(dim=(2, 3), keepdim=True))
+    grad_x = _per_group(invstd) * (h - _per_group(mean_h) - centred * _per_group(invstd * mean_h_xhat))
     return grad_x.to(x.dtype), grad_weight, grad_bias
 
 
