@@ -109,6 +109,17 @@ def test_gn_more_accurate_than_torch(shape, groups):
     assert errors["bnexp"] <= errors["torch"] * 1.5 + 1e-7, errors
 
 
+def test_gn_large_offset_no_cancellation():
+    """x = 1e4 + 1e-2 * noise in float32: the shift by one sample per group keeps every digit of the variance."""
+    x = (1e4 + 1e-2 * torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(4))).float()
+    y = bnexp.nn.GroupNorm(2, 6)(x)
+    x64 = x.double().view(4, 2, -1)
+    expected = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), expected.view(x.shape), rtol=0, atol=2e-3)
+    naive = (x.view(4, 2, -1) ** 2).mean(-1) - x.view(4, 2, -1).mean(-1) ** 2  # the formula we avoid
+    assert not torch.allclose(naive.double(), x64.var(-1, unbiased=False), rtol=0.5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("layout,shape", SHAPES_4D + [("contiguous", (5, 6))], ids=["nchw", "nhwc", "nc"])
 def test_ln_parity(layout, shape, dtype):
