@@ -151,13 +151,15 @@ def test_in_parity(layout, shape, dtype, track):
     ref = torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=track).to(dtype)
     assert ours.affine
     _randomise(ours, ref)
-    _assert_same(ours, ref, _x(shape, dtype, layout), dtype, steps=3)
+    # torch's InstanceNorm2d returns NCHW for an NHWC input; ours keeps the input's layout
+    _assert_same(ours, ref, _x(shape, dtype, layout), dtype, steps=3, same_layout=False)
     if track:
         torch.testing.assert_close(ours.running_var, ref.running_var, **TOL[dtype])
         assert not torch.equal(ours.running_var, torch.ones_like(ours.running_var))
     ours.eval()
     ref.eval()
-    _assert_same(ours, ref, _x(shape, dtype, layout, seed=5), dtype)
+    _assert_same(ours, ref, _x(shape, dtype, layout, seed=5), dtype, same_layout=False)
+    assert ours(_x(shape, dtype, layout)).is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
 
 
 @pytest.mark.parametrize("kind,ref,sd", [("gn", lambda: torch.nn.GroupNorm(2, 6), ["weight", "bias"]),
@@ -606,12 +608,14 @@ def test_kinds_import_without_torch():
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,shape", SHAPES_4D + [("contiguous", (5, 6))], ids=["nchw", "nhwc", "nc"])
 def test_gn_compiled_parity(layout, shape):
-    """The Inductor-compiled group kernels (traced at generic sizes) against torch, incl. a size-1 spatial dim."""
+    """The Inductor-compiled group kernels (traced at generic sizes) against torch, incl. size-1 dims (S for
+    (N, C) inputs, C/G for instance norm)."""
     with bnF.use_backend("compiled"):  # compiled raises instead of falling back to eager
-        for kind, groups in (("gn", 2), ("ln", 1)):
+        for kind, groups in (("gn", 2), ("ln", 1), ("in", 6))[:3 if len(shape) == 4 else 2]:
             ours = bnexp.nn.make_norm(kind, 6, len(shape) // 2, **({"groups": groups} if kind == "gn" else {}))
-            ref = torch.nn.GroupNorm(groups, 6)
+            ref = torch.nn.GroupNorm(groups, 6) if kind != "in" else torch.nn.InstanceNorm2d(6, affine=True)
             _randomise(ours, ref)
-            _assert_same(ours, ref, _x(shape, torch.float32, layout), torch.float32, what=kind)
-            _assert_same(ours, ref, _x((3, *shape[1:]), torch.float32, layout), torch.float32, what=kind)
+            for n in (shape[0], 3):  # another batch size: the same kernel (symbolic sizes)
+                _assert_same(ours, ref, _x((n, *shape[1:]), torch.float32, layout), torch.float32, what=kind,
+                             same_layout=kind != "in")
     assert {"group_forward", "group_backward"} <= {key[0] for key in bnF._compiled}, "nothing was compiled"

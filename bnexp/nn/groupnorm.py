@@ -57,7 +57,8 @@ def _per_channel(t: Tensor) -> Tensor:
 def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """Normalise x (N, G, C/G, S) per sample and group; weight and bias are (G, C/G).
 
-    Returns (y, shift, delta, invstd), the statistics (N, G): the group mean is shift + delta
+    Returns (y, shift, delta, invstd, var), the statistics (N, G): the group mean is shift + delta, var the biased
+    variance
     (the numerics of `functional.train_forward`'s eager path).
     """
     xs = x.to(functional._stats_dtype(x))
@@ -72,7 +73,7 @@ def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         y = y * _per_channel(weight.to(y.dtype))
     if bias is not None:
         y = y + _per_channel(bias.to(y.dtype))
-    return y.to(x.dtype), shift, delta, invstd
+    return y.to(x.dtype), shift, delta, invstd, var
 
 
 def group_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, shift: Tensor, delta: Tensor, invstd: Tensor):
@@ -102,20 +103,27 @@ group_backward.example_shapes = (_GENERIC, _GENERIC, _GROUP, _GENERIC[:2], _GENE
 
 
 class _GroupNormFunction(torch.autograd.Function):
+    """Returns y and, without gradient, the group means and biased variances (N, G)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         x4 = x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
         w, b = (None if p is None else p.view(groups, -1) for p in (weight, bias))
-        y, shift, delta, invstd = functional._run("group_forward", group_forward, (x4, w, b), dict(eps=eps))
+        y, shift, delta, invstd, var = functional._run("group_forward", group_forward, (x4, w, b), dict(eps=eps))
         ctx.save_for_backward(x4, w, shift, delta, invstd)
         ctx.shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        mean = shift + delta
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
         y = y.view(x.shape)
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        if grad_y is None:
+            return (None,) * 5
         x4, w, shift, delta, invstd = ctx.saved_tensors
         grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
                                                  (grad_y.reshape(x4.shape), x4, w, shift, delta, invstd), {})
@@ -126,11 +134,15 @@ class _GroupNormFunction(torch.autograd.Function):
 
 
 def group_norm(x: Tensor, groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5) -> Tensor:
-    """Drop-in for `torch.nn.functional.group_norm` (in-repo math; see the module docstring)."""
+               eps: float = 1e-5, return_stats: bool = False):
+    """Drop-in for `torch.nn.functional.group_norm` (in-repo math; see the module docstring).
+
+    return_stats=True (non-empty x): (y, mean, biased variance), the statistics (N, groups) without gradient.
+    """
     if x.numel() == 0:
         return F.group_norm(x, groups, weight, bias, eps)
-    return _GroupNormFunction.apply(x, weight, bias, groups, eps)
+    y, mean, var = _GroupNormFunction.apply(x, weight, bias, groups, eps)
+    return (y, mean, var) if return_stats else y
 
 
 class GroupNorm(torch.nn.GroupNorm):
