@@ -80,10 +80,18 @@ class _GhostBatchNorm(_BatchNorm):
                                              biased_running_var=self.biased_running_var, return_stats=True)
         if self.track_running_stats:
             with torch.no_grad():  # once per virtual batch, in order
-                for j in range(k):
-                    factor = self._count_batch()
+                if self.momentum is None:  # cumulative average: a factor 1 / count per virtual batch
+                    for j in range(k):
+                        factor = self._count_batch()
+                        for running, batch in ((self.running_mean, mean), (self.running_var, var)):
+                            functional._update_running(running, batch[j * c:(j + 1) * c], factor)
+                else:  # the k updates in closed form: (1 - m)^k running + sum_j m (1 - m)^(k - 1 - j) batch_j
+                    m = self.momentum
+                    weights = m * (1 - m) ** torch.arange(k - 1, -1, -1, dtype=mean.dtype, device=mean.device)
+                    self.num_batches_tracked.add_(k)
                     for running, batch in ((self.running_mean, mean), (self.running_var, var)):
-                        functional._update_running(running, batch[j * c:(j + 1) * c], factor)
+                        update = (1 - m) ** k * running.to(batch.dtype) + weights @ batch.view(k, c)
+                        running.copy_(update)
         y = y.reshape(g, k, c, -1).transpose(0, 1).reshape(x.shape)
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
