@@ -1,8 +1,8 @@
 """The normalisation family beyond BN: gn, ln, in (parity with torch), brn, ghost, noisy (identities with bn,
 gradcheck, eval), make_norm / check_norm and their errors. Tiny tensors, eager backend."""
 
-import sys
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,6 +54,13 @@ def _forward_backward(layer, x, g):
     y.backward(g)
     grads = [xi.grad] + [p.grad for p in layer.parameters()]
     return y, grads
+
+
+def _with_params(layer, w, b):
+    """The layer with `w`, `b` (tensors that require grad) as its weight and bias, for gradcheck."""
+    del layer.weight, layer.bias
+    layer.weight, layer.bias = w, b
+    return layer
 
 
 def _assert_same(ours, ref, x, dtype, steps=1, what="", same_layout=True):
@@ -385,9 +392,10 @@ def test_ghost_is_bn_per_virtual_batch(n, sizes, layout, momentum):
     assert y1.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
-def test_ghost_gradcheck():
+@pytest.mark.parametrize("n", [5, 6], ids=["2+3", "2+2+2"])  # the per-batch path and the regrouped one
+def test_ghost_gradcheck(n):
     layer = bnexp.nn.make_norm("ghost", 2, 2, ghost_size=2).double()
-    x = _x((5, 2, 2, 1), torch.float64).requires_grad_()
+    x = _x((n, 2, 2, 1), torch.float64).requires_grad_()
     w = torch.randn(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: _with_params(layer, w, b)(x), (x, w, b))
@@ -405,13 +413,6 @@ def test_ghost_eval_uses_running_statistics():
 
 
 # ----------------------------------------------------------------------------- noisy
-
-def _with_params(layer, w, b):
-    """The layer with `w`, `b` (tensors that require grad) as its weight and bias, for gradcheck."""
-    del layer.weight, layer.bias
-    layer.weight, layer.bias = w, b
-    return layer
-
 
 @pytest.mark.parametrize("dims,shape,layout", [(2, (4, 3, 2, 3), "contiguous"), (2, (4, 3, 2, 3), "channels_last"),
                                                (1, (6, 3), "contiguous")])
