@@ -102,17 +102,23 @@ group_forward.example_shapes = (_GENERIC, _GROUP, _GROUP)
 group_backward.example_shapes = (_GENERIC, _GENERIC, _GROUP, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
 
 
+def _grouped(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None):
+    """x as (N, G, C/G, S) (a view where the layout allows) and weight, bias as (G, C/G)."""
+    return (x.reshape(x.shape[0], groups, x.shape[1] // groups, -1),
+            *(None if p is None else p.view(groups, -1) for p in (weight, bias)))
+
+
 class _GroupNormFunction(torch.autograd.Function):
     """Returns y and, without gradient, the group means and biased variances (N, G)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x4 = x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
-        w, b = (None if p is None else p.view(groups, -1) for p in (weight, bias))
+        x4, w, b = _grouped(x, groups, weight, bias)
         y, shift, delta, invstd, var = functional._run("group_forward", group_forward, (x4, w, b), dict(eps=eps))
-        ctx.save_for_backward(x4, w, shift, delta, invstd)
-        ctx.shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        # the inputs, not their views: a view saved here would break an outer torch.compile (an alias in the graph)
+        ctx.save_for_backward(x, weight, shift, delta, invstd)
+        ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
         mean = shift + delta
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
@@ -124,11 +130,12 @@ class _GroupNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         if grad_y is None:
             return (None,) * 5
-        x4, w, shift, delta, invstd = ctx.saved_tensors
+        x, weight, shift, delta, invstd = ctx.saved_tensors
+        x4, w, _ = _grouped(x, ctx.groups, weight, None)
         grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
                                                  (grad_y.reshape(x4.shape), x4, w, shift, delta, invstd), {})
-        grad_x = grad_x.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_w.flatten().to(w.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = grad_x.view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.flatten().to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = grad_b.flatten().to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
