@@ -12,6 +12,7 @@ import bnexp.nn
 from bnexp.nn import functional as bnF
 from bnexp.nn.ghostnorm import ghost_sizes
 from bnexp.nn.kinds import resolve_groups
+from test_nn_parity import check_inside_torch_compile
 
 # float32: torch's GroupNorm is off by up to ~1e-4 from float64 on groups of two features (x * scale + offset
 # cancels); ours is ~100x closer there (test_gn_more_accurate_than_torch).
@@ -637,13 +638,6 @@ def test_inside_torch_compile(kind, kwargs):
     torch.manual_seed(6)
     ours, ref = (torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), bnexp.nn.make_norm(kind, 4, 2, **kwargs),
                                      torch.nn.ReLU()) for _ in range(2))
-    ref.load_state_dict(ours.state_dict())
-    compiled = torch.compile(ours, backend="aot_eager")
-    x = torch.randn(4, 2, 5, 5)
-    y, y_ref = compiled(x), ref(x)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad)
+    check_inside_torch_compile(ours, ref)
     for (name, a), b in zip(ours[1].named_buffers(), ref[1].buffers()):
         torch.testing.assert_close(a, b, msg=name)
