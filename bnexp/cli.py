@@ -257,6 +257,8 @@ def bench(
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "
                                            "comma-separated (auto, compiled, eager, triton; default: what auto picks)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="bn, epoch: NHWC tensors and model."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="bn: norm kinds to time against their PyTorch "
+                                        "counterparts, comma-separated (e.g. gn,ln,in,brn,ghost,noisy; default: bn)."),
     precision: str = typer.Option("fp32", "--precision", help="epoch: fp32 | bf16 for bnexp's pipeline."),
 ):
     """Time bnexp against plain PyTorch in the same process and print ratios."""
@@ -277,7 +279,11 @@ def bench(
         raise BnexpError("--backends triton needs --device cuda: on CPU the Triton kernels run in Triton's "
                          "interpreter (for tests), far too slow to time")
     out.mkdir(parents=True, exist_ok=True)
-    options = {"bn": {"backends": names, "channels_last": channels_last},
+    kind_names = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    from .nn.kinds import NORM_KINDS
+    if set(kind_names or []) - set(NORM_KINDS):
+        raise BnexpError(f"--kinds: unknown norm kind in {kinds!r}; choose from {', '.join(NORM_KINDS)}")
+    options = {"bn": {"backends": names, "channels_last": channels_last, "kinds": kind_names},
                "epoch": {"precision": precision, "channels_last": channels_last}}
     for name in which or [BenchName.bn, BenchName.epoch]:
         mod = importlib.import_module(f"bnexp.bench.{name.value}")

@@ -31,7 +31,8 @@ def test_bn_benchmark_layouts_and_traffic():
 
 @pytest.mark.parametrize("args,msg", [(["--backends", "cudnn"], "unknown batch-norm backend 'cudnn'"),
                                       (["--backends", "compiled,triton"], "--backends triton needs --device cuda"),
-                                      (["--precision", "fp16"], "--precision must be fp32 or bf16")])
+                                      (["--precision", "fp16"], "--precision must be fp32 or bf16"),
+                                      (["--kinds", "gn,groupnorm"], "--kinds: unknown norm kind in 'gn,groupnorm'")])
 def test_bench_rejects_bad_options(capsys, tmp_path, args, msg):
     assert main(["bench", "bn", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err

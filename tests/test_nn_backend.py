@@ -86,12 +86,18 @@ def test_eager_backend_never_compiles(monkeypatch):
 # ----------------------------------------------------------------------------- make_norm
 
 def test_make_norm_kinds():
-    assert bnexp.nn.NORM_KINDS == ("bn", "torch", "none")
+    assert bnexp.nn.NORM_KINDS == ("bn", "torch", "none", "gn", "ln", "in", "brn", "ghost", "noisy")
     assert type(bnexp.nn.make_norm("bn", 6, 2)) is bnexp.nn.BatchNorm2d
     assert type(bnexp.nn.make_norm("bn", 6, 1)) is bnexp.nn.BatchNorm1d
     assert type(bnexp.nn.make_norm("torch", 6, 2)) is torch.nn.BatchNorm2d
     assert type(bnexp.nn.make_norm("torch", 6, 1)) is torch.nn.BatchNorm1d
     assert type(bnexp.nn.make_norm("none", 6, 2)) is torch.nn.Identity
+    for kind, classes in {"gn": ("GroupNorm", "GroupNorm"), "ln": ("LayerNorm", "LayerNorm"),
+                          "brn": ("BatchRenorm1d", "BatchRenorm2d"), "ghost": ("GhostBatchNorm1d", "GhostBatchNorm2d"),
+                          "noisy": ("NoisyBatchNorm1d", "NoisyBatchNorm2d"), "in": (None, "InstanceNorm2d")}.items():
+        for dims, name in ((1, classes[0]), (2, classes[1])):
+            if name is not None:
+                assert type(bnexp.nn.make_norm(kind, 6, dims)) is getattr(bnexp.nn, name), (kind, dims)
 
 
 def test_make_norm_passes_kwargs():

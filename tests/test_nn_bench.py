@@ -28,3 +28,27 @@ def test_bn_benchmark_result_and_table():
         assert abs(row["ratio"] - row["bnexp_ms"] / row["torch_ms"]) < 1e-12
     table = bn.format_table(result)
     assert "(4, 3, 5, 5)" in table and "ratio" in table and f"{result['rows'][0]['ratio']:.2f}x" in table
+
+
+def test_bn_benchmark_kinds_against_their_counterparts():
+    with bnF.use_backend("eager"):
+        result = bn.run(shapes=((4, 6, 3, 3),), repeats=2, warmup=0, kinds=["gn", "ln", "in", "brn", "ghost", "noisy"])
+    json.dumps(result)
+    assert [(r["kind"], r["reference"]) for r in result["rows"]] == [
+        ("gn", "GroupNorm"), ("ln", "GroupNorm"), ("in", "InstanceNorm2d"), ("brn", "BatchNorm2d"),
+        ("ghost", "BatchNorm2d"), ("noisy", "BatchNorm2d")]
+    assert all(r["bnexp_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
+    table = bn.format_table(result)
+    assert "ghost vs BatchNorm2d" in table and "gn vs GroupNorm" in table
+    assert "kind" not in bn.format_table(bn.run(shapes=((4, 3, 2, 2),), repeats=1, warmup=0, backends=["eager"]))
+
+
+def test_bn_benchmark_layers():
+    ours, ref = bn._layers("gn", (64, 6, 2, 2), torch.device("cpu"))
+    assert ours().num_groups == ref.num_groups == 6
+    ours, ref = bn._layers("ln", (64, 6, 2, 2), torch.device("cpu"))
+    assert ours().num_groups == ref.num_groups == 1
+    ours, _ = bn._layers("brn", (64, 6, 2, 2), torch.device("cpu"))
+    assert ours().limits(0) == (3.0, 5.0)  # timed with r and d active
+    ours, _ = bn._layers("ghost", (64, 6, 2, 2), torch.device("cpu"))
+    assert ours().ghost_size == 32

@@ -329,12 +329,8 @@ def test_no_tracking_has_no_buffers_and_uses_batch_stats_in_eval(backend):
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-def test_inside_torch_compile():
-    """A model wrapped in torch.compile traces our eager math (no nested compilation)."""
-    torch.manual_seed(6)
-    ours = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), bnexp.nn.BatchNorm2d(3), torch.nn.ReLU())
-    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+def check_inside_torch_compile(ours, ref):
+    """ours (Conv2d, norm, ...) under torch.compile and ref eagerly: same output and conv weight gradient."""
     ref.load_state_dict(ours.state_dict())
     compiled = torch.compile(ours, backend="aot_eager")  # tracing is what we test; Inductor adds only time
     x = torch.randn(4, 2, 5, 5)
@@ -343,6 +339,15 @@ def test_inside_torch_compile():
     y_ref.square().sum().backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad)
+
+
+@pytest.mark.slow
+def test_inside_torch_compile():
+    """A model wrapped in torch.compile traces our eager math (no nested compilation)."""
+    torch.manual_seed(6)
+    ours = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), bnexp.nn.BatchNorm2d(3), torch.nn.ReLU())
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    check_inside_torch_compile(ours, ref)
     torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
     assert ours[1].num_batches_tracked.item() == 1
 

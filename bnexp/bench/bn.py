@@ -3,6 +3,13 @@
 Both layers run interleaved in one process on the same input (see `bnexp.bench.time_samples`);
 the first untimed rounds include the compilation of our kernels. We report the median time per
 forward+backward in ms, the interquartile range, and the ratio ours / torch (below 1 = faster).
+
+`kinds` (CLI: --kinds gn,ln,in,brn,ghost,noisy) times other members of the normalisation family,
+each built by `make_norm(kind, C, 2)`, against its PyTorch counterpart where torch has the layer
+(gn: nn.GroupNorm with the same groups, ln: nn.GroupNorm(1, C), in: nn.InstanceNorm2d(affine=True))
+and against nn.BatchNorm2d, the reference cost, for brn, ghost and noisy. brn is timed past its
+warm-up (r and d active: warmup_steps = r_max_steps = d_max_steps = 0), ghost with its default
+ghost_size 32 (N // 2 for batches under 64), noisy with its default noise.
 """
 
 import math
@@ -13,6 +20,7 @@ import torch
 
 import bnexp.nn
 from bnexp.nn import functional as bn_functional
+from bnexp.nn.kinds import check_norm, resolve_groups
 
 from . import time_samples
 
@@ -52,27 +60,54 @@ def min_traffic_bytes(shape, itemsize: int = 4) -> int:
     return 5 * itemsize * math.prod(shape)
 
 
+KIND_KWARGS = {"brn": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0)}  # past the warm-up: r, d active
+
+
+def _layers(kind: str, shape: tuple, dev: torch.device):
+    """(ours, torch's counterpart or nn.BatchNorm2d as the reference cost) for `kind` at `channels`;
+    for kind "bn", a factory of ours (one layer per backend column)."""
+    channels, kwargs = shape[1], dict(KIND_KWARGS.get(kind, {}))
+    if kind == "ghost":
+        kwargs["ghost_size"] = min(32, max(1, shape[0] // 2))
+    ours = bnexp.nn.make_norm(kind, channels, 2, device=dev, **kwargs)
+    if kind == "gn":
+        ref = torch.nn.GroupNorm(resolve_groups(channels, None), channels, device=dev)
+    elif kind == "ln":
+        ref = torch.nn.GroupNorm(1, channels, device=dev)
+    elif kind == "in":
+        ref = torch.nn.InstanceNorm2d(channels, affine=True, device=dev)
+    else:
+        ref = torch.nn.BatchNorm2d(channels, device=dev)
+    return (lambda: ours) if kind != "bn" else (lambda: bnexp.nn.make_norm("bn", channels, 2, device=dev)), ref
+
+
 def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, seed: int = 0,
-        backends: list[str] | None = None, channels_last: bool = False) -> dict:
+        backends: list[str] | None = None, channels_last: bool = False, kinds: list[str] | None = None) -> dict:
     """Time torch's layer and ours (one column per backend) at each (N, C, H, W) shape.
 
     backends: bnexp batch-norm backends to time side by side (default: what `auto` picks here);
-    the first is the `bnexp` column the ratio refers to. Returns a JSON-serialisable dict.
+    the first is the `bnexp` column the ratio refers to. kinds: norm kinds to time (default:
+    ["bn"]), each against its counterpart (see the module docstring); one row per kind and shape.
+    Returns a JSON-serialisable dict.
     """
     dev = torch.device(device)
     shapes = default_shapes(dev) if shapes is None else shapes
     names = list(backends or [bn_functional.resolved_backend(dev)])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(seed)
+    kinds = list(kinds or ["bn"])
+    for kind in kinds:
+        check_norm(kind, 8, 2)
     rows = []
-    for shape in shapes:
+    for kind, shape in ((kind, shape) for kind in kinds for shape in shapes):
         shape = tuple(int(s) for s in shape)
         x = torch.randn(shape, device=dev).contiguous(memory_format=fmt).requires_grad_()
         grad = torch.randn(shape, device=dev).contiguous(memory_format=fmt)
-        steps = {"torch": _step(torch.nn.BatchNorm2d(shape[1], device=dev), x, grad)}
+        ours, ref = _layers(kind, shape, dev)
+        steps = {"torch": _step(ref, x, grad)}
         for b in names:
-            steps[_column(b, names)] = _step(bnexp.nn.BatchNorm2d(shape[1], device=dev), x, grad, b)
-        row = {"shape": list(shape)}
+            steps[_column(b, names)] = _step(ours(), x, grad, b)
+        row = {"kind": kind, "reference": type(ref).__name__, "shape": list(shape)}
         for name, step in steps.items():  # the first call includes our compilation (or a cache load)
             row[f"{name}_first_call_ms"] = 1e3 * time_samples({name: step}, repeats=1, warmup=0)[name][0]
         samples = time_samples(steps, repeats, warmup)
@@ -86,7 +121,9 @@ def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, se
         row["ratio"] = row[f"{_column(names[0], names)}_ratio"]
         rows.append(row)
     return {
-        "benchmark": "bn forward+backward, train mode",
+        "benchmark": "bn forward+backward, train mode" if kinds == ["bn"] else
+                     f"norm forward+backward ({', '.join(kinds)}), train mode",
+        "kinds": kinds,
         "device": str(dev),
         "device_name": _device_name(dev),
         "torch_version": torch.__version__,
@@ -108,6 +145,7 @@ def format_table(result: dict) -> str:
     """A plain aligned text table: shape, medians (IQR) in ms, ratio ours/torch, min-traffic bandwidth."""
     names = result.get("backends", [result["backend"]])
     cols = [_column(b, names) for b in names]
+    by_kind = result.get("kinds", ["bn"]) != ["bn"]
     header = ["shape (N,C,H,W)", "torch ms"] + [f"{c if c != 'bnexp' else 'bnexp[' + names[0] + ']'} ms"
                                                 for c in cols] + ["ratio", "GB/s torch/bnexp"]
     lines = []
@@ -116,11 +154,14 @@ def format_table(result: dict) -> str:
         line += [f"{r[c + '_ms']:.3f} ±{r[c + '_iqr_ms'] / 2:.3f}" for c in cols]
         line += ["/".join(f"{r[c + '_ratio']:.2f}x" for c in cols),
                  f"{r['torch_GBps']:.0f}/{r['bnexp_GBps']:.0f}"]
-        lines.append(line)
+        lines.append([f"{r['kind']} vs {r['reference']}"] + line if by_kind else line)
+    if by_kind:
+        header = ["kind vs reference"] + header[:1] + ["reference ms"] + header[2:]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
-    def fmt(row):  # first column left-aligned, numbers right-aligned
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    def fmt(row):  # label columns left-aligned, numbers right-aligned
+        return "  ".join(cell.ljust(w) if i <= by_kind else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths)))
 
     title = (f"{result['benchmark']} on {result['device']} ({result['device_name']}), torch {result['torch_version']}, "
              f"{result.get('layout', 'contiguous')}, median of {result['repeats']} (± half IQR); "

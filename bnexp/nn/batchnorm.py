@@ -33,18 +33,27 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        return self._normalize(input, self.weight, self.bias)
+
+    def _count_batch(self) -> float:
+        """Count a training batch; the weight of its statistics in the running ones (momentum=None: 1 / count)."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def _normalize(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, return_stats: bool = False):
+        """The batch norm of `input` with this affine (the BN variants pass a modified one); counts the batch.
+        return_stats (training only): also the batch mean and running-variance estimate (functional.batch_norm)."""
         # Same mode logic as torch.nn.modules.batchnorm._BatchNorm.forward.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             functional.verify_batch_size(input.shape)  # raise before counting the batch
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            factor = self._count_batch()
         # Buffers are updated only when tracking in train mode; eval without tracking uses batch stats.
         update = not self.training or self.track_running_stats
         return functional.batch_norm(input, self.running_mean if update else None, self.running_var if update else None,
-                            self.weight, self.bias, use_batch_stats, factor, self.eps,
-                            biased_running_var=self.biased_running_var)
+                            weight, bias, use_batch_stats, factor, self.eps,
+                            biased_running_var=self.biased_running_var, return_stats=return_stats)
 
 
 class BatchNorm1d(_BatchNorm):

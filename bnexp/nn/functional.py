@@ -46,6 +46,7 @@ _triton_broken: dict[str, str] = {}  # device type -> why the Triton kernels fai
 _compiled: dict[tuple, object] = {}  # input signature -> compiled kernel, built on first use
 _triton_bn = None  # the module bnexp.nn.triton_bn, imported on first use (it imports triton)
 _interpreter_warned = False  # the triton backend on CPU tensors warns once per process
+TRITON_KERNELS = ("train_forward", "train_backward")  # the functions `triton_bn` has; others run compiled
 
 
 # ----------------------------------------------------------------------------- backend selection
@@ -101,7 +102,7 @@ def _run(name: str, fn, tensors: tuple, consts: dict):
     x = tensors[0]
     if backend == "compiled":
         return _compiled_call(name, fn, tensors, consts)
-    if x.dtype != torch.float64:  # the Triton kernels compute in float32
+    if x.dtype != torch.float64 and name in TRITON_KERNELS:  # the Triton kernels compute in float32
         if backend == "triton":
             return _triton_call(name, tensors, consts)
         if x.device.type == "cuda" and "cuda" not in _triton_broken:
@@ -183,20 +184,26 @@ def _layout_of(shape: torch.Size, stride: tuple[int, ...]) -> str | None:
     return None
 
 
-def _example(t: Tensor, layout: str) -> Tensor:
-    """A zero tensor like `t` with the generic tracing sizes (rank >= 2) or (C,) (rank 1)."""
-    shape = _EXAMPLE_SIZES[:t.dim()] if t.dim() > 1 else _EXAMPLE_SIZES[1:2]
+def _example(t: Tensor, layout: str, shape: tuple | None = None) -> Tensor:
+    """A zero tensor like `t` with the generic tracing sizes (rank >= 2) or (C,) (rank 1), or `shape`."""
+    if shape is None:
+        shape = _EXAMPLE_SIZES[:t.dim()] if t.dim() > 1 else _EXAMPLE_SIZES[1:2]
     example = torch.zeros(shape, dtype=t.dtype, device=t.device)
     return example.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else example
 
 
 def _compile(fn, tensors: tuple, layouts: tuple, consts: dict):
-    """Trace `fn` at generic sizes with symbolic shapes and compile it with Inductor."""
+    """Trace `fn` at generic sizes with symbolic shapes and compile it with Inductor.
+
+    A function whose arguments are not (N, C, *spatial) tensors and (C,) vectors names the
+    generic example shape of each argument in its attribute `example_shapes` (None: the default).
+    """
     global _tracing
     import torch._inductor  # imported on first use: seconds
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    examples = [None if t is None else _example(t, layout) for t, layout in zip(tensors, layouts)]
+    shapes = getattr(fn, "example_shapes", (None,) * len(tensors))
+    examples = [None if t is None else _example(t, layout, shape) for t, layout, shape in zip(tensors, layouts, shapes)]
     _tracing = True
     try:
         with torch.no_grad():
@@ -394,7 +401,8 @@ def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, biased_running_var: bool = False) -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, biased_running_var: bool = False,
+               return_stats: bool = False) -> Tensor:
     """Drop-in for `torch.nn.functional.batch_norm` (same arguments, plus `biased_running_var`).
 
     training=True: normalise with the biased batch variance and update the running buffers that
@@ -403,6 +411,8 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     the unbiased batch variance, or the biased one with `biased_running_var` (the convention of
     the from-scratch layers of d2l.ai and moon-hotel/DeepLearningWithMe).
     training=False: normalise with the running buffers.
+    return_stats=True (training with a non-empty input only): (y, batch mean, batch variance for the
+    running estimate), the statistics without gradient (for Batch Renormalization).
     """
     if training and x.numel() == 0:  # as torch: an empty output, running statistics untouched
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
@@ -415,7 +425,7 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
             for running, batch in ((running_mean, mean), (running_var, var)):
                 if running is not None:
                     _update_running(running, batch, momentum)
-        return y
+        return (y, mean, var) if return_stats else y
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are required when training=False")
     with torch.no_grad():
