@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import BnexpError
+from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -65,6 +66,10 @@ def _positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bn": (lambda v: v is None or v in ("on", "off"), "on or off"),
     "lr": (lambda v: _number(v) and v > 0, "a positive number"),
@@ -93,16 +98,25 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.init": (lambda v: v in ("default", "xavier", "gaussian"), "default, xavier or gaussian"),
     "data.name": (lambda v: isinstance(v, str), "a data set name"),
     "data.verify": (lambda v: isinstance(v, bool), "true or false"),
-    "norm.kind": (lambda v: v in ("bn", "torch", "none"), "bn, torch or none"),
+    "norm.kind": (lambda v: v in NORM_KINDS, ", ".join(NORM_KINDS)),
     "norm.eps": (lambda v: _number(v) and v > 0, "a positive number"),
     "norm.momentum": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
     "norm.biased_running_var": (lambda v: isinstance(v, bool), "true or false"),
+    "norm.groups": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
+    "norm.r_max": (lambda v: v is None or (_number(v) and v >= 1), "null or a number >= 1"),
+    "norm.d_max": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
+    "norm.warmup_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "norm.r_max_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "norm.d_max_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "norm.ghost_size": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
+    "norm.noise": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
     "norm.backend": (lambda v: v in BN_BACKENDS, " or ".join(BN_BACKENDS)),
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),
 }
-FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay")
+FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay",
+              "norm.r_max", "norm.d_max", "norm.noise")
 BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
 
 
@@ -194,8 +208,11 @@ def validate(raw: dict) -> dict:
     flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
     if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
-    if flat["norm.kind"] != "none":
+    if flat["norm.kind"] in BATCH_STAT_KINDS:
         _check_batch_statistics(flat)
+    if flat["norm.kind"] == "ghost" and (flat["norm.ghost_size"] or 0) > flat["batch_size"]:
+        raise BnexpError(f"norm.ghost_size={flat['norm.ghost_size']} is larger than batch_size={flat['batch_size']}: "
+                         f"a virtual batch is part of a batch; use norm.ghost_size <= {flat['batch_size']}")
     out = OmegaConf.to_container(OmegaConf.create(raw))
     for key, value in flat.items():
         _set(out, key, value)
@@ -387,8 +404,11 @@ def identity(cfg: DictConfig) -> dict:
         node, leaf = _parent(d, key)
         if leaf in node and node[leaf] == default:
             node.pop(leaf)
-    if d["norm"]["kind"] == "none":  # no norm layers: their settings cannot change the numbers
-        d["norm"] = {"kind": "none"}
+    # Only the keys the norm kind uses (bnexp.nn.kinds.KIND_KWARGS) can change the numbers: none has
+    # no layers, GroupNorm no running statistics, and BN no groups (the same keys as before the family).
+    kind = d["norm"]["kind"]
+    used = () if kind == "none" else ("eps", *KIND_KWARGS[kind])
+    d["norm"] = {"kind": kind, **{k: v for k, v in d["norm"].items() if k in used}}
     return d
 
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from .errors import BnexpError
 from .nn import functional as bn_functional
-from .nn.batchnorm import _BatchNorm
 
 # Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
 COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
@@ -69,27 +68,28 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
-def uses_bnexp_bn(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
+def uses_bnexp_norms(model: torch.nn.Module) -> bool:
+    """Whether the model has layers of bnexp.nn (BN and the family), whose kernels the backend chooses."""
+    return any(type(m).__module__.startswith("bnexp.nn.") for m in model.modules())
 
 
 def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor, precision_ctx) -> str | None:
     """Resolve `requested` ('auto' included) to the backend that runs this model's batch norms.
 
-    A forward and backward pass of a throw-away copy of the model on two samples of `example`
+    A forward and backward pass of a throw-away copy of the model on `example` (a training batch)
     compiles every kernel the run's training steps need (their signature is dtype, rank and
     layout, not the batch size), so an `auto` fallback happens here, before the first step, and
     the answer is final. No state of `model`, no random stream and no optimiser is touched.
-    Returns None for a model without bnexp batch-norm layers.
+    Returns None for a model without bnexp.nn layers (norm=torch or none).
     """
-    if not uses_bnexp_bn(model):
+    if not uses_bnexp_norms(model):
         return None
     with bn_functional.use_backend(requested):
         if requested in ("auto", "compiled", "triton"):
             twin = copy.deepcopy(model).train()
             devices = [example.device] if example.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), precision_ctx():
-                out = twin(example[:2])
+                out = twin(example)
                 F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)).backward()
             del twin
         return bn_functional.resolved_backend(example.device)

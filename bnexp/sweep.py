@@ -310,6 +310,8 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
 
 def check_inputs(pl: Plan) -> None:
     """What `bnexp train` would reject at start-up (device, data, sizes), for every point, before any run."""
+    import torch
+
     from . import data, train as T  # torch: not needed to plan, list or refuse a grid
     data_sizes: dict[tuple, tuple[int, int]] = {}  # each data source is read once for the whole grid
     for i, p in enumerate(pl.points, start=1):
@@ -322,6 +324,9 @@ def check_inputs(pl: Plan) -> None:
                 data_sizes[key] = tuple(len(data.load_split(cfg.data.name, root, is_train, None, "cpu",
                                                             verify=cfg.data.verify)) for is_train in (True, False))
             T.check_sizes(cfg, *data_sizes[key])
+            spec = data.DATASETS[cfg.data.name]
+            with torch.device("meta"):  # the model's norm layers accept their inputs (e.g. norm=in on an FC layer)
+                T.build(cfg, spec.num_classes, spec.in_channels, spec.image_size)
         except BnexpError as e:
             where = " ".join(o for o in p.overrides if o.split("=", 1)[0] in pl.axes) or p.run_id
             raise BnexpError(f"{e} (grid point {i} of {len(pl.points)}: {where})") from None

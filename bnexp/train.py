@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from . import config as C
 from . import data, engine, execution, models, probes
+from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
 from .tracking import (FINISHED, RunDir, atomic_write_text, check_writable, git_commit, now_iso, reason,
@@ -117,7 +118,7 @@ def check_sizes(cfg, n_train: int, n_test: int) -> None:
 
 def use_graphs(cfg, device: torch.device) -> bool:
     """Whether the run captures its training step as a CUDA graph (raises on an impossible cuda_graphs=on)."""
-    momentum = cfg.norm.momentum if cfg.norm.kind != "none" else 0.0
+    momentum = cfg.norm.momentum if cfg.norm.kind in BATCH_STAT_KINDS else 0.0  # only they count batches
     return engine.graphs_wanted(engine.ExecOptions.from_cfg(cfg), device, momentum)
 
 
@@ -141,21 +142,32 @@ def prepare(cfg) -> Setup:
         return _prepare(cfg, device, threads)
 
 
+def norm_kwargs(cfg) -> dict:
+    """The norm keys of the config that its kind takes (bnexp.nn.kinds.KIND_KWARGS), as make_norm's
+    keywords; null means the layer's default, except momentum, where null is the cumulative average."""
+    kind, n = cfg.norm.kind, cfg.norm
+    if kind == "none":
+        return {}
+    keys = [k for k in KIND_KWARGS[kind] if k in n and (k == "momentum" or n[k] is not None)]
+    return {"eps": n.eps, **{k: n[k] for k in keys}}
+
+
+def build(cfg, num_classes: int, in_channels: int, image_size: int) -> models.NormModel:
+    """The run's model, freshly initialised from the current RNG state (prepare seeds it first)."""
+    arch = models.Arch(cfg.model.activation, cfg.model.pool, cfg.model.norm_position, cfg.model.init)
+    return models.build_model(cfg.model.name, cfg.norm.kind, num_classes=num_classes, in_channels=in_channels,
+                              image_size=image_size, dropout=cfg.model.dropout, arch=arch, **norm_kwargs(cfg))
+
+
 def _prepare(cfg, device: torch.device, threads: int) -> Setup:
     train, test = load_data(cfg, device)
     torch.manual_seed(cfg.seed)  # model init
-    norm_kwargs = {} if cfg.norm.kind == "none" else {"eps": cfg.norm.eps, "momentum": cfg.norm.momentum}
-    if cfg.norm.kind == "bn":
-        norm_kwargs["biased_running_var"] = cfg.norm.biased_running_var
-    arch = models.Arch(cfg.model.activation, cfg.model.pool, cfg.model.norm_position, cfg.model.init)
-    model = models.build_model(cfg.model.name, cfg.norm.kind, num_classes=train.num_classes,
-                               in_channels=train.x.shape[1], image_size=train.x.shape[-1],
-                               dropout=cfg.model.dropout, arch=arch, **norm_kwargs).to(device)
+    model = build(cfg, train.num_classes, train.x.shape[1], train.x.shape[-1]).to(device)
     opts = engine.ExecOptions.from_cfg(cfg)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     graphs = use_graphs(cfg, device)
-    example = engine.model_input(train.x[:2], model.input_size, opts.channels_last)
+    example = engine.model_input(train.x[:cfg.batch_size], model.input_size, opts.channels_last)
     bn_backend = execution.pin_bn_backend(model, cfg.norm.backend, example,
                                           lambda: engine.autocast(device, opts.precision))
     optimizer = build_optimizer(cfg, model.parameters(), capturable=graphs)

@@ -1,4 +1,5 @@
-"""The presets of the reference networks and mechanisms (d2l_bn, ioffe_fig1, saturation, norm_position),
+"""The presets of the reference networks and mechanisms (d2l_bn, ioffe_fig1, saturation, norm_position,
+noisy_bn, small_batch_norms),
 including presets made of arms, and each run end to end with shrunk sizes."""
 
 import pytest
@@ -32,6 +33,11 @@ def test_other_presets():
     assert {(p.cfg.model.name, p.cfg.batch_size, p.cfg.epochs, p.cfg.eval_every, p.cfg.bn)
             for p in ioffe.points} == {("mlp_ioffe", 60, 50, 500, "on"), ("mlp_ioffe", 60, 50, 500, "off")}
     assert 60_000 // 60 * 50 == 50_000  # the paper's 50k steps
+    small = S.plan([], preset="small_batch_norms")
+    assert {p.cfg.norm.kind for p in small.points} == {"bn", "gn", "brn", "ln", "none"}
+    assert sorted({p.cfg.batch_size for p in small.points}) == [2, 4, 8, 16, 32, 64, 128, 256]
+    assert {p.cfg.lr_scale_batch for p in small.points} == {256} and len(small.points) == 40
+    assert {p.cfg.norm.kind for p in S.plan([], preset="noisy_bn").points} == {"bn", "noisy", "none"}
     sat = S.plan([], preset="saturation")
     assert {p.cfg.model.activation for p in sat.points} == {"sigmoid"} and len(sat.points) == 2
     pos = S.plan([], preset="norm_position")
@@ -52,7 +58,7 @@ def test_arms_must_be_a_list_of_mappings(tmp_path, monkeypatch):
 
 
 SHRINK = {"d2l_bn": ["seed=0"], "ioffe_fig1": ["eval_every=2", "batch_size=60"], "saturation": [],
-          "norm_position": []}
+          "norm_position": [], "noisy_bn": [], "small_batch_norms": ["batch_size=4,60", "train_size=120"]}
 
 
 @pytest.mark.slow
@@ -60,7 +66,7 @@ SHRINK = {"d2l_bn": ["seed=0"], "ioffe_fig1": ["eval_every=2", "batch_size=60"],
 def test_preset_runs_end_to_end(synth_data_dir, tmp_path, name):
     shrink = [f"data_dir={synth_data_dir}", f"results_dir={tmp_path}", "device=cpu", "data.verify=false",
               "train_size=240", "test_size=64", "epochs=1", "progress=false", "norm.backend=eager", *SHRINK[name]]
-    if name != "ioffe_fig1":
+    if name not in ("ioffe_fig1", "small_batch_norms"):
         shrink.append("batch_size=60")
     pl = S.plan(shrink, preset=name)
     with bn_functional.use_backend("eager"):
@@ -68,3 +74,9 @@ def test_preset_runs_end_to_end(synth_data_dir, tmp_path, name):
     assert [r.status for r in res.results] == ["completed"] * len(pl.points), [r.message for r in res.results]
     if name == "ioffe_fig1":
         assert all((r.path / "evals.csv").is_file() for r in res.results)
+    if name == "small_batch_norms":  # the batch-size figure holds every kind of the context
+        from bnexp.report import write_report
+
+        result = write_report(tmp_path, tmp_path / "report", [], "md")
+        assert any(f.name.startswith("fig3_batch") for f in result.figures)
+        assert "norm=" not in "".join(f.name for f in result.figures if f.name.startswith("fig3_batch"))

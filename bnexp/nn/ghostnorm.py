@@ -9,7 +9,8 @@ BN exactly) and the outputs are concatenated. Odd cases:
     if it would hold a single sample it is merged into the previous one (ghost_size + 1 samples),
     so no virtual batch normalises one sample by its own statistics. E.g. N = 10, ghost_size = 4
     -> 4, 4, 2; N = 9 -> 4, 5.
-  - ghost_size > N at forward time: ValueError (the batch cannot hold one virtual batch).
+  - ghost_size >= N at forward time (an epoch's partial last batch, the probe batch): the batch is
+    one virtual batch, i.e. BN on it. bnexp's config refuses a ghost_size above batch_size.
 Running statistics: updated once per virtual batch, in order, as Hoffer et al.'s Algorithm 1
 does, each with BN's rule running = (1 - momentum) * running + momentum * ghost-batch statistic;
 num_batches_tracked counts virtual batches (so momentum=None averages over virtual batches).
@@ -32,9 +33,8 @@ from .kinds import check_layer_kwargs
 
 def ghost_sizes(batch: int, ghost_size: int) -> list[int]:
     """The sizes of the virtual batches of a batch of `batch` samples (see the module docstring)."""
-    if ghost_size > batch:
-        raise ValueError(f"GhostBatchNorm: ghost_size={ghost_size} is larger than the batch of {batch} samples; "
-                         f"use a ghost_size of at most the smallest batch (or kind 'bn')")
+    if ghost_size >= batch:  # a batch no larger than one virtual batch (an epoch's last, partial one) is one
+        return [batch]
     sizes = [ghost_size] * (batch // ghost_size) + ([batch % ghost_size] if batch % ghost_size else [])
     if len(sizes) > 1 and batch % ghost_size == 1:
         last = sizes.pop()
