@@ -32,12 +32,9 @@ the input and weight gradients are wrong once r/d are active and the running sta
 compile whole models; not resolved yet.
 """
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import functional
 from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 from .kinds import check_layer_kwargs
 

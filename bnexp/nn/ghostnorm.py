@@ -72,7 +72,7 @@ class _GhostBatchNorm(_BatchNorm):
     def _equal_virtual_batches(self, x: Tensor, k: int) -> Tensor:
         """BN of k equal virtual batches in one kernel call: (k * g, C, *s) is regrouped as (g, k * C, S),
         so that each (virtual batch, channel) is a channel of BN's kernel, and back (two copies each way)."""
-        (n, c), g = x.shape[:2], x.shape[0] // k
+        c, g = x.shape[1], x.shape[0] // k
         functional.verify_batch_size(torch.Size((g, *x.shape[1:])))
         xt = x.reshape(k, g, c, -1).transpose(0, 1).reshape(g, k * c, -1)
         weight, bias = (None if p is None else p.repeat(k) for p in (self.weight, self.bias))
