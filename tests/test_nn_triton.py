@@ -149,7 +149,9 @@ def test_interpreter_leaves_triton_language_as_it_was(triton_calls):
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    objects = triton_bn._patched_objects() + [JITFunction]
+    from bnexp.nn import triton_interpret
+
+    objects = triton_interpret._patched_objects() + [JITFunction]
     before = [dict(vars(obj)) for obj in objects]
     bnexp.nn.BatchNorm2d(3)(torch.randn(4, 3, 2, 2, requires_grad=True)).sum().backward()
     assert triton_calls["train_backward"] == 1
