@@ -28,7 +28,8 @@ def _config_keys_help() -> str:
         m = re.match(r"^(\w+):\s*(\S+)\s*#\s*(.*)$", line)
         if m:
             lines.append(f"  {m.group(1) + '=' + m.group(2):<22} {m.group(3)}")
-    groups = "  model=lenet5|alexnet|alexnet_cifar  data=fashion_mnist|cifar100  norm=bn|torch|none  optim=sgd|adam"
+    groups = "  " + "  ".join(f"{g}={'|'.join(sorted(p.stem for p in (CONF_DIR / g).glob('*.yaml')))}"
+                              for g in ("model", "data", "norm", "optim"))
     return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
                       "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
                       "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])
@@ -149,6 +150,8 @@ def sweep(
     plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
+    if note := S.oversubscription(plan, jobs, launcher.value):
+        typer.echo(note, err=True)
     if dry_run:
         for p in plan.points:
             typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
@@ -173,7 +176,7 @@ def summary_line(r) -> str:
         extra = f" (non-finite loss at epoch {d['epoch']}, step {d['step']})"
     elif r.status == "skipped":
         extra = f" ({r.message}; --force retrains)"
-    elif r.status == "busy":
+    elif r.status in ("busy", "failed") and r.message:
         extra = f" ({r.message})"
     elif r.extra.get("resumed_from"):
         extra = f" (resumed after epoch {r.extra['resumed_from']})"
