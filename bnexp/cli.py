@@ -28,8 +28,7 @@ def _config_keys_help() -> str:
         m = re.match(r"^(\w+):\s*(\S+)\s*#\s*(.*)$", line)
         if m:
             lines.append(f"  {m.group(1) + '=' + m.group(2):<22} {m.group(3)}")
-    groups = "  " + "  ".join(f"{g}={'|'.join(sorted(p.stem for p in (CONF_DIR / g).glob('*.yaml')))}"
-                              for g in ("model", "data", "norm", "optim"))
+    groups = "  model=lenet5|alexnet|alexnet_cifar  data=fashion_mnist|cifar100  norm=bn|torch|none  optim=sgd|adam"
     return "\n".join(["\b", "Config keys (key=default):", *lines, "Groups:", groups,
                       "  nested keys: optim.momentum=0.9 optim.weight_decay=5e-4 norm.momentum=0.1 norm.eps=1e-5 "
                       "norm.biased_running_var=true model.dropout=0.5 data.verify=false"])
@@ -117,7 +116,9 @@ Examples:
 Sweeps use Hydra's override grammar: key=a,b,c  key=range(start,stop[,step])  key=choice(a,b).
 Without --preset the `default` preset applies; a KEY=VALUE here replaces the preset's entry for KEY.
 Each run is the run `bnexp train` makes for its config: finished runs are skipped, interrupted
-ones resume, failed ones are retried. Exit code 1 if a run failed, 2 for bad input.
+ones resume, failed ones are retried. A run another process is training is waited for at the
+end (--wait), with a line naming the process. Exit code 1 if a run failed or is still held by
+another process, 2 for bad input.
 
 """
 
@@ -138,6 +139,9 @@ def sweep(
                                                      "gpus_per_node=1, timeout_min=...) or joblib.Parallel's."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (run ids) and exit."),
+    wait: float = typer.Option(3600.0, "--wait", min=0, metavar="SECONDS", help="How long to wait, once the "
+                               "rest is done, for runs another process is training (default: 3600; 0: not at "
+                               "all); runs still held then end as busy (exit code 1)."),
 ):
     """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
     from . import launch as L, sweep as S
@@ -150,8 +154,6 @@ def sweep(
     plan = S.plan(list(overrides or []), preset=preset, quiet=parallel)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
-    if note := S.oversubscription(plan, jobs, launcher.value):
-        typer.echo(note, err=True)
     if dry_run:
         for p in plan.points:
             typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
@@ -160,9 +162,10 @@ def sweep(
     def progress(r, done, total):
         typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
 
-    result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress)
+    result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
+                         wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
     typer.echo(S.format_summary(result))
-    if result.counts["failed"]:
+    if result.counts["failed"] or result.counts["busy"]:
         raise typer.Exit(1)
 
 
