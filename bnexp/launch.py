@@ -163,6 +163,7 @@ def record_death(cfg, reason: str, details: str = ""):
     last = rd.lock_holder_pid()  # a killed holder's name stays in the lock file
     if last and not re.search(rf"\b{last}\b", reason):
         reason += f" (training process pid {last})"
+    result = _failed(cfg, reason)
     if rd.path.is_dir() and rd.acquire():
         try:
             info = rd.read_info()
@@ -173,23 +174,24 @@ def record_death(cfg, reason: str, details: str = ""):
                 atomic_write_text(rd.path / "error.log", f"{reason}\n(no traceback: the process was killed; "
                                                            f"SIGKILL is also what the out-of-memory killer sends)\n"
                                   + (f"\n{details.strip()}\n" if details else ""))
+                # the summary shows how far it got
+                result = replace(result, final=info.get("final"), epochs_completed=info.get("epochs_completed", 0))
         finally:
             rd.release()
-    return _failed(cfg, reason)
+    return result
 
 
 def _worker_main(conn, threads: int | None, gpus: list[str], slot: int) -> None:
     """A worker process: train each task it is sent, send back (index, result); stop at None or EOF."""
     _die_with_parent()
     _setup_worker(threads, gpus, slot)
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        conn.send((task.index, execute(task)))
+    try:
+        while (task := conn.recv()) is not None:
+            conn.send((task.index, execute(task)))
+    except (EOFError, OSError):  # the sweep is gone
+        pass
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep says what happened
+        pass
 
 
 class _Worker:
