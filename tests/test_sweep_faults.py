@@ -23,8 +23,13 @@ def holder_pid(run: Path) -> int | None:
         return None
 
 
-def kill_one_mid_run(results: Path, done, timeout: float = 240) -> tuple[Path, int]:
-    """Wait until some run has finished an epoch (and not its last), kill -9 its training process."""
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def kill_one_mid_run(results: Path, done, timeout: float = 240, parent: bool = False) -> tuple[Path, int]:
+    """Wait until some run has finished an epoch (and not its last), kill -9 its training process
+    (or that process's parent); returns the run and the training process's pid."""
     deadline = time.time() + timeout
     while time.time() < deadline and not done():
         for m in results.glob("runs/*/metrics.csv"):
@@ -32,7 +37,7 @@ def kill_one_mid_run(results: Path, done, timeout: float = 240) -> tuple[Path, i
             pid = holder_pid(run)
             info = json.loads((run / "run.json").read_text())
             if pid and pid != os.getpid() and info["status"] == "running" and info["epochs_completed"] >= 1:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(parent_of(pid) if parent else pid, signal.SIGKILL)
                 return run, pid
         time.sleep(0.01)
     pytest.fail("no run was caught mid-training")
@@ -93,3 +98,18 @@ def test_a_killed_worker_fails_only_its_own_run_under_cluster_launchers(synth_da
         check_trained_once(r, 6)
     assert re.search(r"4 runs in [\d.]+s: 3 completed, 0 skipped, 0 diverged, 1 failed, 0 busy", out)
     assert re.search(rf"\] failed {run.name}: .*\(.*\)", out)
+
+
+def test_a_killed_loky_worker_gets_the_unfinished_runs_resubmitted(synth_data_dir, tmp_path):
+    """The loky worker itself (the trainer's parent) dies: loky abandons the batch and kills the other
+    workers; the unfinished runs go to a fresh pool and resume from their checkpoints, none fails."""
+    pytest.importorskip("joblib")
+    results = tmp_path / "joblib"
+    proc = start_sweep(*tiny(synth_data_dir, results, *ARGS), "--jobs", "2", "--launcher", "joblib")
+    run, trainer = kill_one_mid_run(results, lambda: proc.poll() is not None, parent=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    for r in results.glob("runs/*"):
+        check_trained_once(r, 6)
+    assert re.search(rf"\] completed {run.name}: .*\(resumed after epoch [1-5]\)", out)
+    assert "4 completed, 0 skipped, 0 diverged, 0 failed, 0 busy" in out
