@@ -146,3 +146,25 @@ def test_a_dead_running_run_is_reported_interrupted(tmp_path):
         assert re.search(rf"\| {dead.name} \| interrupted \|", md)
     finally:
         lock.release()
+
+
+def test_a_lock_file_this_user_may_not_write_still_locks(tmp_path, monkeypatch):
+    """Another user's .lock (0644): opened read-only, the flock still excludes; only the name is missing."""
+    import bnexp.locks as locks
+
+    owner = RunDir(tmp_path, "r")
+    assert owner.acquire()
+    owner.release()
+    real_open = os.open
+
+    def open_as_other_user(path, flags, *mode):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(locks.os, "open", open_as_other_user)
+    a, b = RunDir(tmp_path, "r"), RunDir(tmp_path, "r")
+    assert a.acquire() and not b.acquire() and not b.lock_free()
+    assert b.lock_holder() == "a process that did not record its pid"
+    a.release()
+    assert b.lock_free()
