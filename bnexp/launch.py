@@ -181,10 +181,10 @@ def record_death(cfg, reason: str, details: str = ""):
     return result
 
 
-def _worker_main(conn, threads: int | None, gpus: list[str], slot: int) -> None:
-    """A worker process: train each task it is sent, send back (index, result); stop at None or EOF."""
+def _worker_main(conn) -> None:
+    """A worker process: train each task it is sent, send back (index, result); stop at None or EOF.
+    The process's own settings (its GPU) come from its first task, in `execute`."""
     _die_with_parent()
-    _setup_worker(threads, gpus, slot)
     try:
         while (task := conn.recv()) is not None:
             conn.send((task.index, execute(task)))
@@ -197,13 +197,13 @@ def _worker_main(conn, threads: int | None, gpus: list[str], slot: int) -> None:
 class _Worker:
     """One spawned worker process and the pipe to it; `task` is what it trains now (None: idle)."""
 
-    def __init__(self, threads: int | None, gpus: list[str], slot: int):
+    def __init__(self, slot: int):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # fork after torch threads / CUDA is unsafe
         self.conn, child = ctx.Pipe()
         self.slot, self.task = slot, None
-        self.proc = ctx.Process(target=_worker_main, args=(child, threads, gpus, slot), name=f"bnexp-worker-{slot}")
+        self.proc = ctx.Process(target=_worker_main, args=(child,), name=f"bnexp-worker-{slot}")
         self.proc.start()
         child.close()
 
@@ -281,15 +281,14 @@ def _launch_pool(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
     from multiprocessing.connection import wait
 
     queue = list(tasks)
-    threads, gpus = tasks[0].threads, tasks[0].gpus
-    workers = [_Worker(threads, gpus, slot) for slot in range(min(jobs, len(tasks)))]
+    workers = [_Worker(slot) for slot in range(min(jobs, len(tasks)))]
     try:
         while True:
             for slot, w in enumerate(workers):
                 while w.task is None and queue:
                     if not w.proc.is_alive():  # it died while idle: a fresh one takes its slot
                         w.stop(0)
-                        workers[slot] = w = _Worker(threads, gpus, slot)
+                        workers[slot] = w = _Worker(slot)
                     if w.give(queue[0]):
                         queue.pop(0)
             busy = [w for w in workers if w.task is not None]
@@ -353,7 +352,7 @@ def _indexed(task: Task):
         if _trainer is None or not _trainer.proc.is_alive():
             if _trainer is None:  # when loky stops this worker: stop the child before waiting for it
                 mp.util.Finalize(None, _stop_trainer, exitpriority=10)
-            _trainer = _Worker(task.threads, task.gpus, task.index)
+            _trainer = _Worker(task.index)
         out = _trainer.run(task)
         if out is not None:
             return out
