@@ -308,7 +308,9 @@ def _wait_free(pl: Plan, indices: list[int], poll: float, deadline: float | None
 
 
 def _busy(p: Point, holder: str):
-    return T.RunResult(p.run_id, _run_dir(p).path, "busy", message=f"gave up waiting: still held by {holder}")
+    from .train import RunResult
+
+    return RunResult(p.run_id, _run_dir(p).path, "busy", message=f"gave up waiting: still held by {holder}")
 
 
 # ----------------------------------------------------------------------------- summary
