@@ -6,7 +6,6 @@ Every user mistake (BnexpError, a bad option) becomes one line on stderr and exi
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -112,7 +111,9 @@ Examples:
 Sweeps use Hydra's override grammar: key=a,b,c  key=range(start,stop[,step])  key=choice(a,b).
 Without --preset the `default` preset applies; a KEY=VALUE here replaces the preset's entry for KEY.
 Each run is the run `bnexp train` makes for its config: finished runs are skipped, interrupted
-ones resume, failed ones are retried. Exit code 1 if a run failed, 2 for bad input.
+ones resume, failed ones are retried. A run another process is training is waited for at the
+end (--wait), with a line naming the process. Exit code 1 if a run failed or is still held by
+another process, 2 for bad input.
 
 """
 
@@ -137,6 +138,9 @@ def sweep(
                                  "--max-runs, its size and first points."),
     max_runs: int = typer.Option(10_000, "--max-runs", min=1, help="Refuse a grid of more points than this "
                                  "(default: 10000); raise it to run a larger grid."),
+    wait: float = typer.Option(3600.0, "--wait", min=0, metavar="SECONDS", help="How long to wait, once the "
+                               "rest is done, for runs another process is training (default: 3600; 0: not at "
+                               "all); runs still held then end as busy (exit code 1)."),
 ):
     """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
     from . import launch as L, sweep as S
@@ -167,9 +171,10 @@ def sweep(
     def progress(r, done, total):
         typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
 
-    result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress)
+    result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
+                         wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
     typer.echo(S.format_summary(result))
-    if result.counts["failed"]:
+    if result.counts["failed"] or result.counts["busy"]:
         raise typer.Exit(1)
 
 
@@ -297,9 +302,9 @@ def bench(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, mapping user errors to one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
-    # Inductor imports torch.utils.cpp_extension, which warns on every CPU-only machine that has a
-    # CUDA toolkit installed; that line is noise for a bnexp user, not something to act on.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from .launch import quiet_torch_warnings
+
+    quiet_torch_warnings()
     try:
         code = app(args=argv or ["--help"], prog_name="bnexp", standalone_mode=False)
     except BnexpError as e:

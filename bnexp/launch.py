@@ -2,6 +2,15 @@
 
 Each launcher trains `train.run(cfg)` for every task and yields (index, RunResult) as runs
 finish; a run that raises becomes a 'failed' result, so one crash never stops the others.
+A process that dies while it trains a run (kill -9, the out-of-memory killer, a segfault) fails
+that run alone: its run.json says `failed` with the reason ("worker process 123 died: killed by
+SIGKILL"), unless another process has taken the run over meanwhile, and the other runs go on.
+The local pool is our own (`_Worker`: one spawned process and a pipe each), not
+concurrent.futures': there a dead worker breaks the whole pool and takes the healthy runs with
+it. A dead worker is replaced by a fresh process before the next task is handed out. With
+joblib, each loky worker trains in such a child process of its own, so a crash there does not
+break loky's pool either; should a loky worker itself die, loky abandons every unfinished task:
+those are handed to a fresh pool (at most twice), where interrupted runs resume from their checkpoint.
 Workers start in the submitting process's directory with its BNEXP_* environment (a cluster
 node may start elsewhere), and with several GPUs each worker process gets its own
 (CUDA_VISIBLE_DEVICES, round-robin), set before CUDA starts there. The CPU thread count is not
@@ -12,6 +21,8 @@ do not depend on --jobs or on the launcher.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,22 +119,143 @@ def execute(task: Task):
         os.chdir(task.cwd)  # relative results_dir/data_dir mean the same as where the sweep started
     os.environ.update(task.env)
     _setup_worker(task.gpus, task.index)
+    quiet_torch_warnings()
     return run_point(task.cfg)
 
 
-def _init_pool_worker(gpus: list[str], counter) -> None:
-    """Pool initializer: die with the parent (Linux), take the next GPU slot."""
+def quiet_torch_warnings() -> None:
+    """Inductor imports torch.utils.cpp_extension, which warns on every CPU-only machine that has a
+    CUDA toolkit ("No CUDA runtime is found"): noise for a bnexp user, in the CLI and in its workers."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the process that started it dies."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    with counter.get_lock():
-        slot = counter.value
-        counter.value += 1
-    _setup_worker(gpus, slot)
+
+
+def exit_reason(code: int | None) -> str:
+    """A process's exit code in words: 'killed by SIGKILL', 'exited with code 3'."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def record_death(cfg, reason: str, details: str = ""):
+    """The result of a run whose process died mid-run: run.json says failed with `reason`.
+
+    Only a run whose lock is free is touched (never one another process trains now), and only if
+    run.json still says running (the dead process could not write its end); a run that finished
+    just before its process died is reported as finished."""
+    from .tracking import FINISHED, RunDir, atomic_write_text, now_iso
+
+    rd = RunDir(Path(cfg.results_dir), C.run_id(cfg))
+    last = rd.lock_holder_pid()  # a killed holder's name stays in the lock file
+    if last and not re.search(rf"\b{last}\b", reason):
+        reason += f" (training process pid {last})"
+    result = _failed(cfg, reason)
+    if rd.path.is_dir() and rd.acquire():
+        try:
+            info = rd.read_info()
+            if info and info.get("status") in FINISHED:
+                return run_point(cfg)  # 'skipped: already completed'
+            if info and info.get("status") == "running":
+                rd.write_info({**info, "status": "failed", "error": reason, "ended": now_iso()})
+                atomic_write_text(rd.path / "error.log", f"{reason}\n(no traceback: the process was killed; "
+                                                           f"SIGKILL is also what the out-of-memory killer sends)\n"
+                                  + (f"\n{details.strip()}\n" if details else ""))
+                # the summary shows how far it got
+                result = replace(result, final=info.get("final"), epochs_completed=info.get("epochs_completed", 0))
+        finally:
+            rd.release()
+    return result
+
+
+def _worker_main(conn) -> None:
+    """A worker process: train each task it is sent, send back (index, result); stop at None or EOF.
+    The process's own settings (its GPU) come from its first task, in `execute`."""
+    _die_with_parent()
+    try:
+        while (task := conn.recv()) is not None:
+            conn.send((task.index, execute(task)))
+    except (EOFError, OSError):  # the sweep is gone
+        pass
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep says what happened
+        pass
+
+
+class _Worker:
+    """One spawned worker process and the pipe to it; `task` is what it trains now (None: idle)."""
+
+    def __init__(self, slot: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # fork after torch threads / CUDA is unsafe
+        self.conn, child = ctx.Pipe()
+        self.slot, self.task = slot, None
+        self.proc = ctx.Process(target=_worker_main, args=(child,), name=f"bnexp-worker-{slot}")
+        self.proc.start()
+        child.close()
+
+    def give(self, task: Task) -> bool:
+        """Hand `task` over; False if the worker is gone (the task was not started)."""
+        try:
+            self.conn.send(task)
+        except OSError:  # BrokenPipeError: it died while idle
+            return False
+        self.task = task
+        return True
+
+    def outcome(self):
+        """(index, RunResult) once the current task ended (sent, or its process died); else None."""
+        try:
+            if self.conn.poll():
+                msg = self.conn.recv()
+                self.task = None
+                return msg
+        except (EOFError, OSError):
+            pass
+        if self.proc.is_alive():
+            return None
+        self.proc.join()
+        task, self.task = self.task, None
+        return task.index, record_death(task.cfg, f"worker process {self.proc.pid} died: "
+                                                  f"{exit_reason(self.proc.exitcode)}")
+
+    def run(self, task: Task):
+        """Train `task` and wait for it (the joblib worker's way)."""
+        from multiprocessing.connection import wait
+
+        if not self.give(task):
+            return None
+        while (out := self.outcome()) is None:
+            wait([self.conn, self.proc.sentinel])
+        return out
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Ask it to exit; kill it if it has not after `wait_s` (0: terminate now)."""
+        if wait_s and self.task is None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(wait_s)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
 
 
 class SubmititCall:
@@ -148,48 +280,87 @@ def _launch_serial(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
 
 
 def _launch_pool(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
-    ctx = mp.get_context("spawn")  # fork after torch threads / CUDA is unsafe
-    ex = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_pool_worker,
-                             initargs=(tasks[0].gpus, ctx.Value("i", 0)))
+    queue = list(tasks)
+    workers = [_Worker(slot) for slot in range(min(jobs, len(tasks)))]
     try:
-        futures = {ex.submit(run_point, t.cfg): t for t in tasks}
-        for f in as_completed(futures):
-            t = futures[f]
-            try:
-                yield t.index, f.result()
-            except Exception as e:  # the worker process died (OOM killer, segfault): BrokenProcessPool
-                yield t.index, _failed(t.cfg, f"worker process died ({type(e).__name__}: {e})")
+        while True:
+            for slot, w in enumerate(workers):
+                while w.task is None and queue:
+                    if not w.proc.is_alive():  # it died while idle: a fresh one takes its slot
+                        w.stop(0)
+                        workers[slot] = w = _Worker(slot)
+                    if w.give(queue[0]):
+                        queue.pop(0)
+            busy = [w for w in workers if w.task is not None]
+            if not busy:
+                break
+            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                out = w.outcome()
+                if out is not None:
+                    yield out
     except BaseException:  # Ctrl-C, or the consumer stopped: stop now, like a serial sweep would
-        # Workers would otherwise go on with the runs already queued to them (and the interpreter
-        # waits for them at exit); a killed run loses at most its epoch in progress.
-        procs = list((getattr(ex, "_processes", None) or {}).values())  # no public API before 3.14
-        for proc in procs:
-            proc.terminate()
-        ex.shutdown(wait=False, cancel_futures=True)
+        for w in workers:  # a killed run loses at most its epoch in progress
+            w.stop(0)
         raise
-    ex.shutdown(wait=True)
+    for w in workers:
+        w.stop()
+
+
+POOL_RESTARTS = 2  # joblib: fresh loky pools after a loky worker died, before the unfinished runs fail
 
 
 def _launch_joblib(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
     from joblib import Parallel, delayed
 
-    par = Parallel(n_jobs=jobs, return_as="generator_unordered", **{"backend": "loky", **opts})
-    done = set()
-    try:
-        for i, r in par(delayed(_indexed)(t) for t in tasks):
-            done.add(i)
-            yield i, r
-    except Exception as e:  # a worker died: joblib abandons the batch
-        for t in tasks:
-            if t.index not in done:
-                yield t.index, _failed(t.cfg, f"joblib worker failed ({type(e).__name__}: {e})")
+    todo = list(tasks)
+    for _ in range(POOL_RESTARTS + 1):
+        par = Parallel(n_jobs=jobs, return_as="generator_unordered", **{"backend": "loky", **opts})
+        done = set()
+        try:
+            for i, r in par(delayed(_indexed)(t) for t in todo):
+                done.add(i)
+                yield i, r
+            return
+        except Exception as e:  # a loky worker died (TerminatedWorkerError): loky abandons the batch
+            todo = [t for t in todo if t.index not in done]
+            why = f"joblib worker failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+    for t in todo:
+        yield t.index, record_death(t.cfg, why)
+
+
+_trainer: _Worker | None = None  # in a loky worker: the process that trains its tasks
+
+
+def _stop_trainer() -> None:
+    if _trainer is not None:
+        _trainer.stop()
 
 
 def _indexed(task: Task):
-    return task.index, execute(task)
+    """A loky worker's task: trained in a child process, so that a crash there fails this run only."""
+    global _trainer
+    if os.getcwd() != task.cwd:
+        os.chdir(task.cwd)  # inherited by the child, as are the BNEXP_* variables
+    os.environ.update(task.env)
+    import multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) not in (None, "spawn"):
+        # loky's own ("loky") is the default here, and a spawned child is told to use the default
+        mp.set_start_method("spawn", force=True)
+    for _ in range(2):
+        if _trainer is None or not _trainer.proc.is_alive():
+            if _trainer is None:  # when loky stops this worker: stop the child before waiting for it
+                mp.util.Finalize(None, _stop_trainer, exitpriority=10)
+            _trainer = _Worker(task.index)
+        out = _trainer.run(task)
+        if out is not None:
+            return out
+        _trainer.stop(0)  # it died while idle: start another for this task
+        _trainer = None
+    return task.index, _failed(task.cfg, "could not start a training process")
 
 
 def _launch_submitit(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
@@ -222,9 +393,19 @@ def _launch_submitit(tasks: list[Task], jobs: int, opts: dict) -> Iterator:
             try:
                 yield t.index, j.result()
             except Exception as e:  # the job died (killed, timed out without requeue, ...)
-                yield t.index, _failed(t.cfg, f"submitit job {j.job_id} failed: {str(e).strip().splitlines()[-1]}")
+                yield t.index, record_death(t.cfg, _job_death(j), details=str(e))
         if not finished:
             time.sleep(0.5)
+
+
+def _job_death(job) -> str:
+    """Why a submitit job ended without a result: the exit signal (local jobs) or the job state (SLURM)."""
+    code = getattr(getattr(job, "_process", None), "returncode", None)  # a local job's process
+    try:
+        how = exit_reason(code) if code else f"no result (job state {job.state})"
+    except Exception:  # sacct unreachable
+        how = "no result"
+    return f"submitit job {job.job_id} died: {how}"
 
 
 _LAUNCH = {"serial": _launch_serial, "local": _launch_pool, "joblib": _launch_joblib, "submitit": _launch_submitit}

@@ -409,25 +409,29 @@ class SweepResult:
 
 
 def _is_finished(p: Point) -> bool:
-    from .tracking import FINISHED, RunDir
+    from .tracking import FINISHED
 
-    return RunDir(Path(p.results_dir), p.run_id).status() in FINISHED
+    return _run_dir(p).status() in FINISHED
 
 
-def _lock_free(p: Point) -> bool:
+def _run_dir(p: Point):
     from .tracking import RunDir
 
-    rd = RunDir(Path(p.results_dir), p.run_id)
-    if not rd.acquire():
-        return False
-    rd.release()
-    return True
+    return RunDir(Path(p.results_dir), p.run_id)
+
+
+DEFAULT_WAIT = 3600.0  # seconds a sweep waits, at the end, for runs other processes hold (--wait)
 
 
 def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", options: dict | None = None,
-              on_result: Callable | None = None, poll: float = 2.0) -> SweepResult:
+              on_result: Callable | None = None, poll: float = 2.0, wait: float | None = DEFAULT_WAIT,
+              on_wait: Callable[[str], None] | None = None) -> SweepResult:
     """Run every point of the plan; `on_result(result, done, total)` is called as runs finish
-    (and with done=None for a run found busy, which is retried after the rest of the queue)."""
+    (and with done=None for a run found busy, which is retried after the rest of the queue).
+
+    Runs still held by other processes once the rest is done are waited for, up to `wait`
+    seconds in all (None: as long as they are held); `on_wait(line)` hears which run waits on
+    which process, and a run given up on ends as 'busy' with the holder in its message."""
     if launcher not in L.LAUNCHERS:
         raise BnexpError(f"unknown launcher '{launcher}'; choose one of: {', '.join(L.LAUNCHERS)}")
     jobs = jobs or L.default_jobs(launcher, len(pl.points))
@@ -438,17 +442,21 @@ def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", option
     results: list = [None] * len(tasks)
     t0 = time.perf_counter()
 
-    def finish(i, r):
-        if r.status != "busy":
+    def finish(i, r, final=False):  # a busy result is final only once the sweep gave up waiting
+        if r.status != "busy" or final:
             results[i] = r
         if on_result:
-            on_result(r, None if r.status == "busy" else sum(x is not None for x in results), len(results))
+            on_result(r, sum(x is not None for x in results) if results[i] is r else None, len(results))
 
-    pending, waiting = list(range(len(tasks))), []
+    pending, waiting, deadline = list(range(len(tasks))), [], None
     while pending or waiting:
         if not pending:  # everything else is done: wait for runs other processes are training
-            pending = _wait_free(pl, waiting, poll)
-            waiting = [i for i in waiting if i not in pending]
+            if deadline is None and wait is not None:  # the clock starts with the first wait
+                deadline = time.monotonic() + wait
+            pending, gave_up = _wait_free(pl, waiting, poll, deadline, on_wait or (lambda line: None))
+            for i, r in gave_up:
+                finish(i, r, final=True)
+            waiting = [i for i in waiting if i not in pending and results[i] is None]
         todo = []
         for i in pending:  # finished runs are skipped here, without dispatching them anywhere
             if _is_finished(pl.points[i]):
@@ -463,13 +471,31 @@ def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", option
     return SweepResult(pl, results, time.perf_counter() - t0)
 
 
-def _wait_free(pl: Plan, indices: list[int], poll: float) -> list[int]:
-    """Block until at least one of these runs is no longer locked by another process."""
+def _wait_free(pl: Plan, indices: list[int], poll: float, deadline: float | None,
+               say: Callable[[str], None]) -> tuple[list[int], list[tuple[int, object]]]:
+    """Block until at least one of these runs is no longer locked by another process, or the
+    deadline passes: (the runs now free, [(index, busy RunResult)] for those given up on).
+    `say` hears, once per run and holder, which process holds which run."""
+    told: dict[int, str] = {}
     while True:
-        free = [i for i in indices if _lock_free(pl.points[i])]
+        free = [i for i in indices if _run_dir(pl.points[i]).lock_free()]
         if free:
-            return free
-        time.sleep(poll)
+            return free, []
+        for i in indices:
+            holder = _run_dir(pl.points[i]).lock_holder()
+            if told.get(i) != holder:
+                told[i] = holder
+                left = "" if deadline is None else f", for at most {max(0, deadline - time.monotonic()):.0f}s more"
+                say(f"waiting for {pl.points[i].run_id}: held by {holder}{left}")
+        if deadline is not None and time.monotonic() >= deadline:
+            return [], [(i, _busy(pl.points[i], told[i])) for i in indices]
+        time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+
+def _busy(p: Point, holder: str):
+    from .train import RunResult
+
+    return RunResult(p.run_id, _run_dir(p).path, "busy", message=f"gave up waiting: still held by {holder}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -485,7 +511,7 @@ def summary_table(res: SweepResult):
         values = dict(o.partition("=")[::2] for o in p.overrides)
         info = RunDir(Path(p.results_dir), p.run_id).read_info() or {}
         final = r.final or {}
-        note = r.message if r.status in ("failed", "skipped") else ""
+        note = r.message if r.status in ("failed", "skipped", "busy") else ""
         if r.status == "diverged" and r.extra.get("diverged_at"):
             note = f"non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
         rows.append({**{k: values.get(k) for k in res.plan.axes}, "status": r.status,

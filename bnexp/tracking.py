@@ -1,7 +1,11 @@
 """A run's directory on disk: config, run.json, metrics, step losses, activations, checkpoint, lock.
 
 Every file is written atomically (temp file + rename), so a crash or `kill -9` leaves either
-the old or the new version, never half a file. Layout: results/README.md. TensorBoard: tblog.py.
+the old or the new version, never half a file. Files are created as a plain `open` would create
+them (mode 0666 less the umask, default ACLs applied), so a results_dir shared by a group stays
+usable by the group. Layout: results/README.md. TensorBoard: tblog.py.
+
+The `.lock` of a run is an flock held by the process training it: locks.py.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -20,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from . import __version__
 from .errors import BnexpError
+from .locks import RunLock, describe_process
 
 ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
@@ -42,13 +47,24 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty temp file beside `path`, opened for writing. Unlike mkstemp (always 0600) it is
+    created with mode 0666 and the umask, as `open(path, "w")` would create `path` itself."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same directory and an atomic rename.
 
     On failure `path` keeps its old contents (or stays absent) and the temp file is removed; an
     OSError without a file name (a full disk fails the write, not the open) gets `path` as one.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,7 +77,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -120,7 +136,7 @@ class RunDir:
     def __init__(self, results_dir: Path, run_id: str):
         self.run_id = run_id
         self.path = Path(results_dir) / "runs" / run_id
-        self._lock = FileLock(str(self.path / ".lock"), timeout=0)
+        self._lock = RunLock(self.path / ".lock")
         self._step_lines: list[str] = []  # steps.csv lines written so far by this attempt
         # file name -> what is wrong with it, noted by the readers below (which then act as if the
         # file were absent); the caller decides what to do and says so
@@ -129,14 +145,24 @@ class RunDir:
     # -- locking: one process trains a run at a time (two sweeps over one grid never collide)
     def acquire(self) -> bool:
         self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
-            return True
-        except Timeout:
-            return False
+        return self._lock.acquire()
 
     def release(self) -> None:
         self._lock.release()
+
+    def lock_free(self) -> bool:
+        """Whether no process holds this run's lock now (without creating anything)."""
+        return self._lock.is_free()
+
+    def lock_holder_pid(self) -> int | None:
+        """The pid of the process that holds the lock now, or held it last if it died holding it."""
+        h = self._lock.holder()
+        return h[0] if h else None
+
+    def lock_holder(self) -> str:
+        """Who holds the lock, as far as the lock file says: "pid 123 on host h (stopped; ...)"."""
+        h = self._lock.holder()
+        return describe_process(*h) if h else "a process that did not record its pid"
 
     # -- run.json
     def read_info(self) -> dict | None:

@@ -181,7 +181,7 @@ def test_dead_and_diverged_classification(tmp_path):
     runs = load_runs(tmp_path)
     out = dict(zip(zip(runs.runs["data.name"], runs.runs["seed"]), agg.classify(runs.runs, REF.num_classes, DEAD)))
     assert out == {("fashion_mnist", 0): "dead", ("fashion_mnist", 1): "trained", ("fashion_mnist", 2): "trained",
-                   ("fashion_mnist", 3): "diverged", ("fashion_mnist", 4): "running",
+                   ("fashion_mnist", 3): "diverged", ("fashion_mnist", 4): "interrupted",
                    ("fashion_mnist", 5): "failed", ("cifar100", 0): "dead"}
 
 

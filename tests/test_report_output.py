@@ -41,7 +41,7 @@ def test_result_counts_paths_and_summary(rich):
     root, r, broken = rich
     assert r.out_dir == root / "report"
     assert [p.name for p in r.reports] == ["report.md", "report.html"]
-    assert r.n_runs == 20 and r.n_by_status == {"completed": 18, "running": 1, "failed": 1}
+    assert r.n_runs == 20 and r.n_by_status == {"completed": 18, "interrupted": 1, "failed": 1}
     assert r.n_skipped == 1 and any(str(broken) in w and "config.yaml" in w for w in r.warnings)
     assert r.n_groups == 10
     assert "20 runs" in r.summary and "wrote" in r.summary and all(p.is_file() for p in r.files)
@@ -68,10 +68,10 @@ def test_markdown_report_content(rich):
     md = (root / "report" / "report.md").read_text()
     assert md.startswith("# bnexp report")
     assert f"bnexp {bnexp.__version__}" in md and str(root) in md
-    assert "18 completed" in md and "1 running" in md and "1 failed" in md
+    assert "18 completed" in md and "1 interrupted" in md and "1 failed" in md
     for section in ("## Summary", "## Experiments", "## Reference comparison", "## Final metrics per group",
                     "## BN vs no BN", "## Per-seed outcomes where seeds split", "## Figures",
-                    "## Runs not aggregated (running / failed)", "## Skipped or partial run directories"):
+                    "## Runs not aggregated (running / interrupted / failed)", "## Skipped or partial run directories"):
         assert section in md, section
     assert "dead in 1 of 3 seeds" in md
     assert "within 0.02 of ln(number of classes)" in md and "max(0.03 absolute, 15% of the reference)" in md
@@ -115,8 +115,8 @@ def test_csv_tables_hold_the_numbers(rich):
     assert ref.loc[(ref["label"] == "lr=0.5, bn=off") & (ref["metric"] == "train_loss"), "verdict"].iloc[0] \
         == "partly reproduced: dead in 1 of 3 seeds"
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 20 and set(runs["status"]) == {"completed", "running", "failed"}
-    assert runs.loc[runs["status"] == "running", "group"].isna().all()
+    assert len(runs) == 20 and set(runs["status"]) == {"completed", "interrupted", "failed"}
+    assert runs.loc[runs["status"] == "interrupted", "group"].isna().all()
 
 
 def test_formats_where_filter_and_stale_outputs(rich, tmp_path):
@@ -202,5 +202,5 @@ def test_only_running_and_failed_runs_still_give_a_report(tmp_path):
     r = write_report(tmp_path, fmt="both")
     md = (tmp_path / "report" / "report.md").read_text()
     assert r.n_groups == 0 and r.figures == [] and "No figures: no aggregated runs." in md
-    assert "## Runs not aggregated (running / failed)" in md and "RuntimeError: fabricated failure" in md
+    assert "## Runs not aggregated (running / interrupted / failed)" in md and "RuntimeError: fabricated failure" in md
     assert "no matching runs" in md

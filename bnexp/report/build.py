@@ -164,8 +164,11 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
         b.append(R.Text("No figures: no aggregated runs."))
     pending = runs_tab[~runs_tab["status"].isin(("completed", "diverged"))]
     if len(pending):
-        b += [R.Heading("Runs not aggregated (running / failed)"),
-              R.Table(pd.DataFrame({"run": pending["run_id"], "status": pending["status"],
+        b += [R.Heading("Runs not aggregated (running / interrupted / failed)")]
+        if (pending["status"] == "interrupted").any():
+            b += [R.Text("interrupted: run.json says running, but no process holds the run's lock (it was killed "
+                         "or crashed); the same `bnexp train` or `bnexp sweep` resumes it from its last checkpoint.")]
+        b += [R.Table(pd.DataFrame({"run": pending["run_id"], "status": pending["status"],
                                     "epochs completed": pending["epochs_completed"].map(lambda x: fmt_cell(x, ".0f")),
                                     "error": pending["error"].str.slice(0, 120)}))]
     if runs.warnings:

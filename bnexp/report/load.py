@@ -4,6 +4,10 @@ A run directory that cannot be read (no or malformed config.yaml / run.json, unk
 is skipped with one warning line that says what is wrong; a readable run whose metrics.csv or
 steps.csv is missing or malformed, or whose activations.npz is damaged, is kept (its final numbers
 come from run.json) with a warning.
+
+A run whose run.json says `running` but whose lock no process holds is read as `interrupted`:
+its process was killed or crashed before it could record that (locks.py). Derived here, at read
+time; nothing is written, so a report can read other users' runs and never races a training.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ import pandas as pd
 import yaml
 
 from bnexp.errors import BnexpError
+from bnexp.locks import RunLock
 
-STATUSES = ("running", "completed", "diverged", "failed")
-AGGREGATED = ("completed", "diverged")          # running / failed runs are listed, not aggregated
+STATUSES = ("running", "interrupted", "completed", "diverged", "failed")
+AGGREGATED = ("completed", "diverged")          # running / interrupted / failed runs are listed, not aggregated
 FINAL_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 STEPS_COLUMNS = ("step", "epoch", "loss")
@@ -116,11 +121,14 @@ def read_run(path: Path) -> tuple[dict | None, str | None]:
     if info.get("status") not in STATUSES:
         return None, f"run.json status {info.get('status')!r} not in {'/'.join(STATUSES)}"
 
+    status = info["status"]
+    if status == "running" and RunLock(path / ".lock").is_free():
+        status = "interrupted"  # nobody trains it any more
     cfg = _normalise_config(flatten(cfg))
     final = _dict(info.get("final"))
     div, secs, vers = _dict(info.get("diverged_at")), _dict(info.get("seconds")), _dict(info.get("versions"))
     return {
-        "run_id": path.name, "status": info["status"],
+        "run_id": path.name, "status": status,
         **{m: _num(final.get(m)) for m in FINAL_METRICS},
         "epochs_completed": _num(info.get("epochs_completed")),
         "diverged_epoch": _num(div.get("epoch")), "diverged_step": _num(div.get("step")),
