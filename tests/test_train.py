@@ -267,7 +267,7 @@ def finished_run(synth_data_dir, tmp_path_factory):
     ("nosuchkey=1", "unknown config key 'nosuchkey'"),
     ("+nosuchkey=1", "unknown config key 'nosuchkey'"),
     ("model=resnet", "unknown model 'resnet'; choose one of: alexnet, alexnet_cifar, lenet5"),
-    ("norm=ln", "unknown norm 'ln'"),
+    ("norm=layernorm", "unknown norm 'layernorm'"),
     ("lr=0.1,0.2", "is a sweep"),
     ("lr=0.1,,0.2", "malformed override"),
     ("bn=maybe", "bn must be on or off"),
