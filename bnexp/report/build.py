@@ -190,7 +190,7 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
 
 def _ours(out_dir: Path) -> list[Path]:
     """What a report writes into its folder (only our own file names: other files are left alone)."""
-    return [p for p in [*out_dir.glob("fig[1-5]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
+    return [p for p in [*out_dir.glob("fig[1-6]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
             if p.is_file()]
 
 

@@ -7,6 +7,7 @@ Contexts holding a group that matches an exact reference come first; each kind i
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import re
@@ -37,6 +38,14 @@ class FigureInfo:
 def slug(text: str) -> str:
     """A file-name-safe version of a context label."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[:80]
+
+
+def fig_name(prefix: str, row: pd.Series, label: str) -> str:
+    """`{prefix}_{model}-{data}_{hash}.png`: a short readable stem (never cut mid-value) and 8 hex
+    digits of the full context label, so contexts differing in any key (e.g. test_size) get
+    different names and the same context keeps its name between reports."""
+    stem = slug(f"{row.get('model.name')}-{row.get('data.name')}")[:40]
+    return f"{prefix}_{stem}_{hashlib.sha1(label.encode()).hexdigest()[:8]}.png"
 
 
 def context_label(row: pd.Series, drop: tuple[str, ...], other: list[str]) -> str:
@@ -144,7 +153,7 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
                 f"where seeds ended differently; dots: epoch means, bars: range over seeds), one panel per learning "
                 f"rate; {title}.", fig_loss,
                 (ctx, only(steps_b, ctx), spe, only(ep, ctx), num_classes, f"Training loss, BN vs no BN: {title}",
-                 out_dir / f"fig1_loss_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig1_loss_{i}", ctx.iloc[0], title)))
 
     def sweep(kind, x_key, xlabel, base, number):
         def make(i, ctx):
@@ -152,7 +161,8 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
             return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
                     f"mean ± std with per-seed dots; {title}.", fig_sweep,
                     (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
-                     f"{xlabel.capitalize()} sweep: {title}", out_dir / f"fig{number}_{kind}_{i}_{slug(title)}.png"))
+                     f"{xlabel.capitalize()} sweep: {title}",
+                     out_dir / fig_name(f"fig{number}_{kind}_{i}", ctx.iloc[0], title)))
         return make
 
     def act(i, pair):
@@ -161,14 +171,14 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
         return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
                 f"first (filled) vs last (line) probed epoch, dashed N(0,1) density; {title}.", activation_figure,
                 (picked, f"Activation distributions vs N(0,1): {title}",
-                 out_dir / f"fig4_activations_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig4_activations_{i}", ctx.iloc[0], title)))
 
     def gen(i, ctx):
         title = context_label(ctx.iloc[0], ("lr",), other)
         return (f"Figure 5.{i}: train (solid) vs test (dashed) accuracy per epoch, mean over seeds, one panel "
                 f"per learning rate; {title}.", fig_generalization,
                 (ctx, only(ep, ctx), num_classes, f"Train vs test accuracy: {title}",
-                 out_dir / f"fig5_generalization_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig5_generalization_{i}", ctx.iloc[0], title)))
 
     add("loss", by_lr, loss)
     add("lr", [c for c in by_lr if c["lr"].nunique() >= 2], sweep("lr", "lr", "learning rate", 10, 2))
@@ -186,7 +196,8 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
                 f"eval_every steps, mean over seeds), then for each arm the 15th, 50th (thick) and 85th percentiles of "
                 f"the last hidden layer's sigmoid input over training (all its units on the probe batch; the paper "
                 f"follows one unit); {title}.", fig_ioffe,
-                (arms, f"Ioffe & Szegedy Figure 1: {title}", out_dir / f"fig6_ioffe_{i}_{slug(title)}.png"))
+                (arms, f"Ioffe & Szegedy Figure 1: {title}",
+                 out_dir / fig_name(f"fig6_ioffe_{i}", ctx.iloc[0], title)))
 
     with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
     add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)

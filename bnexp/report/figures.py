@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,35 @@ def _new(panel_w: float, panel_h: float, nrows: int, ncols: int, wspace: float =
     return fig, axs
 
 
+TITLE_LINE = 0.2                           # inches per title line (11 pt)
+
+
+def title_lines(title: str, width_in: float) -> list[str]:
+    """The title wrapped at commas/spaces to the figure's width (about 11 characters per inch at
+    11 pt, with a margin): never cut, the figure grows a line instead."""
+    return textwrap.wrap(title, max(30, int(width_in * 11.5))) or [""]
+
+
 def _titles(fig: Figure, title: str, axes) -> None:
-    """Title on the first line, one legend for all panels on the second (top margin)."""
+    """Title on the first line(s), wrapped to the figure's width (the figure grows taller by one
+    line per extra title line, the panels keep their size); one legend for all panels below it."""
+    lines = title_lines(title, fig.get_figwidth())
+    if len(lines) > 1:
+        h0, extra = fig.get_figheight(), (len(lines) - 1) * TITLE_LINE
+        sp = fig.subplotpars
+        top_in, bottom_in = (1 - sp.top) * h0, sp.bottom * h0
+        h = h0 + extra
+        fig.set_figheight(h)
+        fig.subplots_adjust(top=1 - (top_in + extra) / h, bottom=bottom_in / h)
     h = fig.get_figheight()
-    fig.suptitle(title, fontsize=11, x=0.01, y=1 - 0.08 / h, ha="left", va="top")
+    shift = (len(lines) - 1) * TITLE_LINE
+    fig.suptitle("\n".join(lines), fontsize=11, x=0.01, y=1 - 0.08 / h, ha="left", va="top", linespacing=1.1)
     seen: dict[str, object] = {}
     for ax in np.ravel(axes):
         for handle, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, handle)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="upper left", bbox_to_anchor=(0.005, 1 - 0.3 / h),
+        fig.legend(list(seen.values()), list(seen.keys()), loc="upper left", bbox_to_anchor=(0.005, 1 - (0.3 + shift) / h),
                    fontsize=8, frameon=False, ncol=min(8, len(seen)), handlelength=2.2)
 
 
