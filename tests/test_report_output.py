@@ -204,3 +204,29 @@ def test_only_running_and_failed_runs_still_give_a_report(tmp_path):
     assert r.n_groups == 0 and r.figures == [] and "No figures: no aggregated runs." in md
     assert "## Runs not aggregated (running / interrupted / failed)" in md and "RuntimeError: fabricated failure" in md
     assert "no matching runs" in md
+
+
+def _experiment_row(md: str, name: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_experiments_table_counts_a_figure_only_for_the_runs_it_draws(rich, tmp_path):
+    root, r, _ = rich
+    md = (root / "report" / "report.md").read_text()
+    assert "A figure counts for an experiment only if" in md            # the rule is stated under the table
+    # the AlexNet / CIFAR-100 runs are generalization's, and a figure 5 draws them
+    gen = _experiment_row(md, "generalization")
+    assert gen[2].startswith("2 runs; Figure 5.") and gen[3] == ""
+    assert _experiment_row(md, "convergence")[2].startswith("16 runs; Figure 1.")
+    # only LeNet runs: figure 5 is drawn from them, but it is not the generalization experiment's
+    out = tmp_path / "lenet"
+    r2 = write_report(root, out_dir=out, where=["model.name=lenet5", "batch_size=512"], fmt="md")
+    assert any(p.name.startswith("fig5_") for p in r2.figures)
+    md2 = (out / "report.md").read_text()
+    gen = _experiment_row(md2, "generalization")
+    assert gen[2] == "no runs yet" and "bnexp sweep --preset generalization" in gen[3]
+    # runs but no figure of the kind: says why and which sweep completes it
+    bs = _experiment_row(md2, "batch_size")
+    assert bs[2].startswith("12 runs; no figure: needs 2 or more batch sizes") and "--preset batch_size" in bs[3]
+    assert _experiment_row(md2, "ioffe_fig1")[2] == "no runs yet"

@@ -107,18 +107,69 @@ def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> l
     return [R.Heading("bnexp report", 1), R.Text("\n\n".join(lines))]
 
 
-def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame) -> pd.DataFrame:
+# preset keys that say which runs an experiment's are (the others, lr, batch size, epochs, sizes, may be
+# overridden on the command line): preset key -> config column
+IDENTIFYING = {"model": "model.name", "data": "data.name", "optim": "optim.name", "norm": "norm.kind", "bn": "bn",
+               "model.activation": "model.activation", "model.norm_position": "model.norm_position"}
+# experiments with a second preset for the same claim
+ALSO = {"generalization": ("generalization_alexnet_cifar",)}
+WHY_NO_FIGURE = {
+    "loss": "not drawn (limit per kind: choose with `--where`)",
+    "lr": "needs 2 or more learning rates in one context",
+    "batch": "needs 2 or more batch sizes in one context",
+    "activations": "needs activations.npz (probe_every)",
+    "generalization": "not drawn (limit per kind: choose with `--where`)",
+    "ioffe": "needs evals.csv (eval_every) in every seed of 2 or more arms",
+}
+COVERAGE_RULE = (
+    "status: an experiment's runs are the completed or diverged runs whose model, data set, optimiser and norm "
+    "arm (plus activation and norm position where the preset sets them) are its preset's; lr, batch size, "
+    "epochs and data sizes may differ (they are often overridden). A figure counts for an experiment only if "
+    "it is of the experiment's kind and draws at least one of its runs; an experiment with runs but no such "
+    "figure says why (and, like one without runs, which sweep completes it). Figures of runs that belong to no experiment are still drawn below.")
+
+
+def _preset_arms(name: str) -> list[dict[str, set[str]]]:
+    """Each arm of a preset as {config column: allowed values} over the identifying keys."""
+    from bnexp.sweep import load_preset
+    try:
+        p = load_preset(name)
+    except BnexpError:
+        return []
+    return [{IDENTIFYING[k]: {v.strip() for v in str(val).split(",")}
+             for k, val in {**p.params, **arm}.items() if k in IDENTIFYING} for arm in p.arms]
+
+
+def experiment_groups(name: str, groups: pd.DataFrame) -> list[str]:
+    """The groups whose runs belong to experiment `name` (see COVERAGE_RULE)."""
+    arms = [a for n in (name, *ALSO.get(name, ())) for a in _preset_arms(n)]
+
+    def fits(g: pd.Series) -> bool:
+        return any(all(col in g and agg.fmt_value(g[col]) in vals for col, vals in arm.items()) for arm in arms)
+    return [g["group"] for _, g in groups.iterrows() if fits(g)] if len(groups) else []
+
+
+def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, claim, kinds in EXPERIMENTS:
-        n = sum(f.kind in kinds and (name != "generalization" or f.data == "cifar100") for f in figs)
-        if name in REFERENCE_ONLY:
-            hit = ref_table[ref_table["group"].notna() & ref_table["set"].str.contains(REFERENCE_ONLY[name])]
-            n, what = len(hit), "reference row"
+        mine = set(experiment_groups(name, groups))
+        covered = False
+        n_runs = int(groups.loc[groups["group"].isin(mine), "n_runs"].sum()) if mine else 0
+        runs = f"{n_runs} run{'s' * (n_runs != 1)}"
+        if not mine:
+            status = "no runs yet"
+        elif name in REFERENCE_ONLY:
+            hit = ref_table[ref_table["group"].isin(mine) & ref_table["set"].str.contains(REFERENCE_ONLY[name])]
+            covered = bool(len(hit))
+            status = f"{runs}; {len(hit)} reference row{'s' * (len(hit) != 1)}" if len(hit) else \
+                f"{runs}; no reference row matches them"
         else:
-            what = "figure"
-        rows.append({"experiment": name, "shows": claim,
-                     "status": f"{n} {what}{'s' * (n != 1)}" if n else "no runs yet",
-                     "command": "" if n else f"`bnexp sweep --preset {name}`" + (
+            shown = [f for f in figs if f.kind in kinds and mine & set(f.groups)]
+            covered = bool(shown)
+            status = f"{runs}; " + (", ".join(f"Figure {f.number}" for f in shown) if shown else
+                                    "no figure: " + "; ".join(WHY_NO_FIGURE[k] for k in kinds))
+        rows.append({"experiment": name, "shows": claim, "status": status,
+                     "command": "" if covered else f"`bnexp sweep --preset {name}`" + (
                          " (or `generalization_alexnet_cifar`: 32 px, minutes)" if name == "generalization" else "")})
     return pd.DataFrame(rows)
 
@@ -137,7 +188,7 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
         f"{int((pairs['train_loss_delta'] < 0).sum()) if len(pairs) else 0} of them",
         f"{len(figs)} figures; outcomes: {dead_text(refdata.tolerances['dead'])}; diverged = non-finite loss "
         f"(status diverged)"])]
-    b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table))]
+    b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table, groups)), R.Text(COVERAGE_RULE)]
     b += [R.Heading("Reference comparison"), *reference_blocks(ref_table, refdata)]
     shared = agg.other_text(groups.iloc[0], [k for k in keys if k not in other and k not in main]) \
         if len(groups) else ""

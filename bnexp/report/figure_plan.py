@@ -32,7 +32,14 @@ class FigureInfo:
     kind: str          # loss | lr | batch | activations | generalization | ioffe
     path: Path
     caption: str
-    data: str = ""     # the context's data set (the generalisation experiment is CIFAR-100's)
+    data: str = ""     # the context's data set
+    groups: tuple[str, ...] = ()   # the run groups it draws (the Experiments table counts a figure by them)
+
+    @property
+    def number(self) -> str:
+        """'1.2' from the caption 'Figure 1.2: ...'."""
+        m = re.match(r"Figure (\d+\.\d+)", self.caption)
+        return m[1] if m else ""
 
 
 def slug(text: str) -> str:
@@ -133,6 +140,7 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
     ep = epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc"))
     jobs: list[tuple[str, str, Callable, tuple]] = []      # (kind, caption, function, arguments)
     data_of: list[str] = []
+    groups_of: list[tuple[str, ...]] = []
     skipped: dict[str, int] = {}
 
     def add(kind: str, found: list, make) -> None:
@@ -141,6 +149,9 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
             jobs.append((kind, *make(i, item)))
             ctx = item[0] if isinstance(item, tuple) else item
             data_of.append(str(ctx["data.name"].iloc[0]))
+            shown = item[1] if isinstance(item, tuple) else []   # activation runs / ioffe arms drawn
+            groups_of.append(tuple(dict.fromkeys(
+                [a[0]["group"] if isinstance(a, tuple) else a["group"] for a in shown] or list(ctx["group"]))))
 
     def only(df: pd.DataFrame, ctx: pd.DataFrame) -> pd.DataFrame:
         return df[df["group"].isin(ctx["group"])]
@@ -202,5 +213,6 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
     with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
     add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)
     paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
-    figs = [FigureInfo(kind, p, caption, data) for (kind, caption, _, _), p, data in zip(jobs, paths, data_of) if p]
+    figs = [FigureInfo(kind, p, caption, data, g)
+            for (kind, caption, _, _), p, data, g in zip(jobs, paths, data_of, groups_of) if p]
     return figs, skipped
