@@ -170,7 +170,8 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
         def make(i, ctx):
             title = context_label(ctx.iloc[0], (x_key,), other)
             return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
-                    f"mean ± std with per-seed dots; {title}.", fig_sweep,
+                    f"filled markers with bars: mean ± std over seeds; small hollow circles just right of them: each seed; "
+                    f"crosses at the top: diverged seeds; {title}.", fig_sweep,
                     (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
                      f"{xlabel.capitalize()} sweep: {title}",
                      out_dir / fig_name(f"fig{number}_{kind}_{i}", ctx.iloc[0], title)))
@@ -180,7 +181,9 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
         ctx, picked = pair
         title = context_label(ctx.iloc[0], (), other)
         return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
-                f"first (filled) vs last (line) probed epoch, dashed N(0,1) density; {title}.", activation_figure,
+                f"epoch 0 = the probe at initialisation, before training (filled; the earliest probed epoch where a "
+                f"run has no epoch-0 probe, as the legend says) vs the last probed epoch (line), dashed N(0,1) "
+                f"density; {title}.", activation_figure,
                 (picked, f"Activation distributions vs N(0,1): {title}",
                  out_dir / fig_name(f"fig4_activations_{i}", ctx.iloc[0], title)))
 
