@@ -170,7 +170,8 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
         def make(i, ctx):
             title = context_label(ctx.iloc[0], (x_key,), other)
             return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
-                    f"filled markers with bars: mean ± std over seeds; small hollow circles just right of them: each seed; "
+                    f"filled markers with bars: mean ± std over seeds; small hollow circles just right of them: "
+                    f"each seed; "
                     f"crosses at the top: diverged seeds; {title}.", fig_sweep,
                     (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
                      f"{xlabel.capitalize()} sweep: {title}",
