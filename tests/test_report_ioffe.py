@@ -22,4 +22,4 @@ def test_ioffe_figure_from_runs_with_mid_epoch_evaluations(synth_data_dir, tmp_p
     assert len(figs) == 1 and figs[0].stat().st_size > 10_000
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Figure 6.1: Ioffe & Szegedy 2015, Figure 1" in text
-    assert "| ioffe_fig1 |" in text and "1 figure" in text.split("| ioffe_fig1 |")[1].split("\n")[0]
+    assert "| ioffe_fig1 |" in text and "Figure 6.1" in text.split("| ioffe_fig1 |")[1].split("\n")[0]

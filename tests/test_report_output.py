@@ -204,3 +204,56 @@ def test_only_running_and_failed_runs_still_give_a_report(tmp_path):
     assert r.n_groups == 0 and r.figures == [] and "No figures: no aggregated runs." in md
     assert "## Runs not aggregated (running / interrupted / failed)" in md and "RuntimeError: fabricated failure" in md
     assert "no matching runs" in md
+
+
+def _experiment_row(md: str, name: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_experiments_table_counts_a_figure_only_for_the_runs_it_draws(rich, tmp_path):
+    root, r, _ = rich
+    md = (root / "report" / "report.md").read_text()
+    assert "A figure counts for an experiment only if" in md            # the rule is stated under the table
+    # the AlexNet / CIFAR-100 runs are generalization's, and a figure 5 draws them
+    gen = _experiment_row(md, "generalization")
+    assert gen[2].startswith("2 runs; [Figure 5.") and gen[3] == ""
+    assert _experiment_row(md, "convergence")[2].startswith("16 runs; [Figure 1.")
+    # only LeNet runs: figure 5 is drawn from them, but it is not the generalization experiment's
+    out = tmp_path / "lenet"
+    r2 = write_report(root, out_dir=out, where=["model.name=lenet5", "batch_size=512"], fmt="md")
+    assert any(p.name.startswith("fig5_") for p in r2.figures)
+    md2 = (out / "report.md").read_text()
+    gen = _experiment_row(md2, "generalization")
+    assert gen[2] == "no runs yet" and "bnexp sweep --preset generalization" in gen[3]
+    # runs but no figure of the kind: says why and which sweep completes it
+    bs = _experiment_row(md2, "batch_size")
+    assert bs[2].startswith("12 runs; no figure: needs 2 or more batch sizes") and "--preset batch_size" in bs[3]
+    assert _experiment_row(md2, "ioffe_fig1")[2] == "no runs yet"
+    # BN / no-BN runs match noisy_bn's bn and none arms, but without its noisy arm nothing counts
+    noisy = _experiment_row(md2, "noisy_bn")
+    assert "incomplete" in noisy[2] and "norm.kind noisy" in noisy[2] and "Figure" not in noisy[2]
+    assert "--preset noisy_bn" in noisy[3]
+
+
+def test_html_renders_code_and_links_figures_and_runs(rich):
+    root, r, _ = rich
+    html = (root / "report" / "report.html").read_text()
+    cells = re.findall(r"<t[dh]>(.*?)</t[dh]>", html, flags=re.S)
+    assert cells and not [c for c in cells if "`" in c]                     # no raw backticks in cells
+    assert "<td><code>bnexp sweep --preset article_5epoch</code></td>" in html
+    ids = re.findall(r'<figure id="(fig-\d+-\d+)">', html)                # each figure has an anchor
+    assert len(ids) == len(set(ids)) == len(r.figures)
+    linked = set(re.findall(r'<a href="#(fig-\d+-\d+)">Figure \d+\.\d+</a>', html))   # ... the table links to
+    assert linked and linked <= set(ids) and ({"fig-5-1", "fig-5-2"} & linked)
+    assert all(f'href="{f.name}">PNG</a>' in html for f in r.figures)
+    # every aggregated run and every pending run links to its run.json, relative to the report
+    hrefs = re.findall(r'<a href="([^"#]+/run\.json)">', html)
+    assert hrefs and not any(h.startswith(("/", "http")) for h in hrefs)
+    out = root / "report"
+    assert all((out / h).is_file() for h in hrefs)
+    runs = pd.read_csv(out / "runs.csv")
+    want = set(runs.loc[runs["status"].isin(("completed", "diverged", "interrupted", "failed")), "run_id"])
+    assert want <= {(out / h).resolve().parent.name for h in hrefs}
+    md = (out / "report.md").read_text()
+    assert re.search(r"\[s0\]\(\.\./runs/[^)]+/run\.json\)", md)           # Markdown has the same links

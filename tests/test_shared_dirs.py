@@ -143,7 +143,7 @@ def test_a_dead_running_run_is_reported_interrupted(tmp_path):
         assert "1 running, 1 interrupted, 1 completed" in md
         assert "## Runs not aggregated (running / interrupted / failed)" in md
         assert "interrupted: run.json says running, but no process holds the run's lock" in md
-        assert re.search(rf"\| {dead.name} \| interrupted \|", md)
+        assert re.search(rf"\| \[{dead.name}\]\(\.\./runs/{dead.name}/run\.json\) \| interrupted \|", md)  # linked run id
     finally:
         lock.release()
 

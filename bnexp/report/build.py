@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -107,26 +108,118 @@ def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> l
     return [R.Heading("bnexp report", 1), R.Text("\n\n".join(lines))]
 
 
-def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame) -> pd.DataFrame:
+# preset keys that say which runs an experiment's are (the others, lr, batch size, epochs, sizes, may be
+# overridden on the command line): preset key -> config column
+IDENTIFYING = {"model": "model.name", "data": "data.name", "optim": "optim.name", "norm": "norm.kind", "bn": "bn",
+               "model.activation": "model.activation", "model.norm_position": "model.norm_position"}
+# experiments with a second preset for the same claim
+ALSO = {"generalization": ("generalization_alexnet_cifar",)}
+WHY_NO_FIGURE = {
+    "loss": "not drawn (limit per kind: choose with `--where`)",
+    "lr": "needs 2 or more learning rates in one context",
+    "batch": "needs 2 or more batch sizes in one context",
+    "activations": "needs activations.npz (probe_every)",
+    "generalization": "not drawn (limit per kind: choose with `--where`)",
+    "ioffe": "needs evals.csv (eval_every) in every seed of 2 or more arms",
+}
+COVERAGE_RULE = (
+    "status: an experiment's runs are the completed or diverged runs whose model, data set, optimiser and norm "
+    "arm (plus activation and norm position where the preset sets them) are its preset's; lr, batch size, "
+    "epochs and data sizes may differ (they are often overridden). It is incomplete (and nothing counts for it) "
+    "until every arm of its preset has runs, e.g. noisy BN for noisy_bn. A figure counts for an experiment only if "
+    "it is of the experiment's kind and draws at least one of its runs; an experiment with runs but no such "
+    "figure says why (and, like one without runs, which sweep completes it). Figures of runs that belong to no "
+    "experiment are still drawn below.")
+
+
+def _preset_arms(name: str) -> list[dict[str, set[str]]]:
+    """Each arm of a preset as {config column: allowed values} over the identifying keys."""
+    from bnexp.sweep import load_preset
+    try:
+        p = load_preset(name)
+    except BnexpError:
+        return []
+    return [{IDENTIFYING[k]: {v.strip() for v in str(val).split(",")}
+             for k, val in {**p.params, **arm}.items() if k in IDENTIFYING} for arm in p.arms]
+
+
+def experiment_groups(name: str, groups: pd.DataFrame) -> list[str]:
+    """The groups whose runs belong to experiment `name` (see COVERAGE_RULE)."""
+    arms = [a for n in (name, *ALSO.get(name, ())) for a in _preset_arms(n)]
+
+    def fits(g: pd.Series) -> bool:
+        return any(all(col in g and agg.fmt_value(g[col]) in vals for col, vals in arm.items()) for arm in arms)
+    return [g["group"] for _, g in groups.iterrows() if fits(g)] if len(groups) else []
+
+
+def missing_arms(name: str, groups: pd.DataFrame, mine: set[str]) -> list[str]:
+    """'norm.kind noisy' for each value of the preset's arms (norm kinds, bn, norm position...)
+    that none of the experiment's groups has: the comparison is incomplete without it. With a
+    second preset for the claim (ALSO), the one closer to complete."""
+    have = groups[groups["group"].isin(mine)]
+
+    def missing(preset: str) -> list[str]:
+        arms = _preset_arms(preset)
+        cols = {c for a in arms for c, v in a.items()
+                if len(v) > 1 or len({frozenset(b.get(c, ())) for b in arms}) > 1}
+        out = []
+        for c in sorted(cols):
+            want = set().union(*(a.get(c, set()) for a in arms))
+            got = {agg.fmt_value(v) for v in have[c]} if c in have else set()
+            out += [f"{c} {v}" for v in sorted(want - got)]
+        return out
+    return min((missing(p) for p in (name, *ALSO.get(name, ()))), key=len)
+
+
+def _coverage(figs: list[FigureInfo], ref_table: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, claim, kinds in EXPERIMENTS:
-        n = sum(f.kind in kinds and (name != "generalization" or f.data == "cifar100") for f in figs)
-        if name in REFERENCE_ONLY:
-            hit = ref_table[ref_table["group"].notna() & ref_table["set"].str.contains(REFERENCE_ONLY[name])]
-            n, what = len(hit), "reference row"
+        mine = set(experiment_groups(name, groups))
+        covered = False
+        n_runs = int(groups.loc[groups["group"].isin(mine), "n_runs"].sum()) if mine else 0
+        runs = f"{n_runs} run{'s' * (n_runs != 1)}"
+        if not mine:
+            status = "no runs yet"
+        elif missing := missing_arms(name, groups, mine):
+            status = f"{runs}; incomplete, no figure counted: no runs with " + ", ".join(missing)
+        elif name in REFERENCE_ONLY:
+            hit = ref_table[ref_table["group"].isin(mine) & ref_table["set"].str.contains(REFERENCE_ONLY[name])]
+            covered = bool(len(hit))
+            status = f"{runs}; {len(hit)} reference row{'s' * (len(hit) != 1)}" if len(hit) else \
+                f"{runs}; no reference row matches them"
         else:
-            what = "figure"
-        rows.append({"experiment": name, "shows": claim,
-                     "status": f"{n} {what}{'s' * (n != 1)}" if n else "no runs yet",
-                     "command": "" if n else f"`bnexp sweep --preset {name}`" + (
+            shown = [f for f in figs if f.kind in kinds and mine & set(f.groups)]
+            covered = bool(shown)
+            status = f"{runs}; " + (", ".join(f"[Figure {f.number}]({f.path.name})" for f in shown) if shown else
+                                    "no figure: " + "; ".join(WHY_NO_FIGURE[k] for k in kinds))
+        rows.append({"experiment": name, "shows": claim, "status": status,
+                     "command": "" if covered else f"`bnexp sweep --preset {name}`" + (
                          " (or `generalization_alexnet_cifar`: 32 px, minutes)" if name == "generalization" else "")})
     return pd.DataFrame(rows)
 
 
+def run_link(run_id: str, run_dir, out_dir: Path | None) -> str:
+    """`[run id](../runs/<id>/run.json)`: a link relative to the report's folder (plain id without one)."""
+    if out_dir is None or not isinstance(run_dir, str | Path) or not str(run_dir):
+        return str(run_id)
+    rel = os.path.relpath(Path(run_dir) / "run.json", Path(out_dir).absolute()).replace(os.sep, "/")
+    return f"[{run_id}]({quote(rel)})"
+
+
+def _seed_links(runs_tab: pd.DataFrame, groups: pd.DataFrame, out_dir: Path | None) -> list[str]:
+    """Per group: its runs as links named by seed ('s0 s1 s2')."""
+    by = {g: r.sort_values("seed") for g, r in runs_tab[runs_tab["group"] != ""].groupby("group")}
+    return [" ".join(run_link(f"s{agg.fmt_value(r['seed'])}", r["dir"], out_dir)
+                     for _, r in by.get(g, pd.DataFrame(columns=["seed", "dir"])).iterrows())
+            for g in groups["group"]]
+
+
 def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[FigureInfo],
-                 skipped: dict[str, int]) -> list[R.Block]:
-    """The whole report, top to bottom, as blocks for render.to_markdown / to_html."""
+                 skipped: dict[str, int], out_dir: Path | None = None) -> list[R.Block]:
+    """The whole report, top to bottom, as blocks for render.to_markdown / to_html; with out_dir
+    (where the report will be), run ids link to their run.json relative to it."""
     runs, groups, runs_tab, pairs, ref_table, refdata = a.runs, a.groups, a.runs_tab, a.pairs, a.ref_table, a.refdata
+    links = {r: run_link(r, d, out_dir) for r, d in zip(runs_tab["run_id"], runs_tab["dir"])}
     keys, other = a.keys, a.other
     b: list[R.Block] = _header(results_dir, runs, a.by_status, len(groups), where)
     main = {k for k, _ in agg.MAIN_KEYS} | {"bn"}
@@ -137,14 +230,15 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
         f"{int((pairs['train_loss_delta'] < 0).sum()) if len(pairs) else 0} of them",
         f"{len(figs)} figures; outcomes: {dead_text(refdata.tolerances['dead'])}; diverged = non-finite loss "
         f"(status diverged)"])]
-    b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table))]
+    b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table, groups)), R.Text(COVERAGE_RULE)]
     b += [R.Heading("Reference comparison"), *reference_blocks(ref_table, refdata)]
     shared = agg.other_text(groups.iloc[0], [k for k in keys if k not in other and k not in main]) \
         if len(groups) else ""
     b += [R.Heading("Final metrics per group"),
           R.Text("Mean ± sample std over the seeds of a group that did not diverge (n = those seeds); "
                  f"final = last epoch's values from run.json. Shared by all groups: {shared or '—'}."),
-          R.Table(groups_display(groups, other), "groups.csv") if len(groups) else
+          R.Table(groups_display(groups, other).assign(runs=_seed_links(runs_tab, groups, out_dir)), "groups.csv")
+          if len(groups) else
           R.Text("No completed or diverged runs yet.")]
     b += [R.Heading("BN vs no BN"),
           R.Text("Groups that differ only in the BN arm (bn / norm.*; dropout too where it follows the "
@@ -152,7 +246,7 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
     b += [R.Table(pairs_display(pairs), "bn_vs_no_bn.csv")] if len(pairs) else [R.Text("No pairs yet.")]
     split = split_display(runs_tab, groups)
     if len(split):
-        b += [R.Heading("Per-seed outcomes where seeds split"), R.Table(split)]
+        b += [R.Heading("Per-seed outcomes where seeds split"), R.Table(split.assign(run=split["run"].map(links)))]
     b += [R.Heading("Figures")]
     for f in figs:
         b.append(R.Figure(f.path, f.caption))
@@ -168,7 +262,7 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
         if (pending["status"] == "interrupted").any():
             b += [R.Text("interrupted: run.json says running, but no process holds the run's lock (it was killed "
                          "or crashed); the same `bnexp train` or `bnexp sweep` resumes it from its last checkpoint.")]
-        b += [R.Table(pd.DataFrame({"run": pending["run_id"], "status": pending["status"],
+        b += [R.Table(pd.DataFrame({"run": pending["run_id"].map(links), "status": pending["status"],
                                     "epochs completed": pending["epochs_completed"].map(lambda x: fmt_cell(x, ".0f")),
                                     "error": pending["error"].str.slice(0, 120)}))]
     if runs.warnings:
@@ -190,7 +284,7 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
 
 def _ours(out_dir: Path) -> list[Path]:
     """What a report writes into its folder (only our own file names: other files are left alone)."""
-    return [p for p in [*out_dir.glob("fig[1-5]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
+    return [p for p in [*out_dir.glob("fig[1-6]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
             if p.is_file()]
 
 
@@ -251,7 +345,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None, where: list[str
         prefer = set(a.ref_table.loc[a.ref_table["quality"] == "exact", "group"].dropna())
         figs, skipped = draw_all(a.groups, a.runs_tab, a.runs.epochs, a.runs.steps, a.keys, a.other,
                                  a.refdata.num_classes, stage, prefer)
-        blocks = build_blocks(a, results_dir, where, figs, skipped)
+        blocks = build_blocks(a, results_dir, where, figs, skipped, out_dir)
         reports = []
         if fmt in ("md", "both"):
             reports.append(stage / "report.md")

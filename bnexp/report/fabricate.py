@@ -116,7 +116,7 @@ def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str
     }
     (path / "run.json").write_text(json.dumps(info, indent=2))
     if activations and done:
-        _write_activations(path, cfg, sorted({1, done}), act_samples, rng)
+        _write_activations(path, cfg, sorted({0, 1, done}), act_samples, rng)   # 0: the probe at init
     return path
 
 

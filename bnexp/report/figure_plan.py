@@ -7,6 +7,7 @@ Contexts holding a group that matches an exact reference come first; each kind i
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import re
@@ -31,12 +32,27 @@ class FigureInfo:
     kind: str          # loss | lr | batch | activations | generalization | ioffe
     path: Path
     caption: str
-    data: str = ""     # the context's data set (the generalisation experiment is CIFAR-100's)
+    data: str = ""     # the context's data set
+    groups: tuple[str, ...] = ()   # the run groups it draws (the Experiments table counts a figure by them)
+
+    @property
+    def number(self) -> str:
+        """'1.2' from the caption 'Figure 1.2: ...'."""
+        m = re.match(r"Figure (\d+\.\d+)", self.caption)
+        return m[1] if m else ""
 
 
 def slug(text: str) -> str:
     """A file-name-safe version of a context label."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[:80]
+
+
+def fig_name(prefix: str, row: pd.Series, label: str) -> str:
+    """`{prefix}_{model}-{data}_{hash}.png`: a short readable stem (never cut mid-value) and 8 hex
+    digits of the full context label, so contexts differing in any key (e.g. test_size) get
+    different names and the same context keeps its name between reports."""
+    stem = slug(f"{row.get('model.name')}-{row.get('data.name')}")[:40]
+    return f"{prefix}_{stem}_{hashlib.sha1(label.encode()).hexdigest()[:8]}.png"
 
 
 def context_label(row: pd.Series, drop: tuple[str, ...], other: list[str]) -> str:
@@ -124,6 +140,7 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
     ep = epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc"))
     jobs: list[tuple[str, str, Callable, tuple]] = []      # (kind, caption, function, arguments)
     data_of: list[str] = []
+    groups_of: list[tuple[str, ...]] = []
     skipped: dict[str, int] = {}
 
     def add(kind: str, found: list, make) -> None:
@@ -132,6 +149,9 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
             jobs.append((kind, *make(i, item)))
             ctx = item[0] if isinstance(item, tuple) else item
             data_of.append(str(ctx["data.name"].iloc[0]))
+            shown = item[1] if isinstance(item, tuple) else []   # activation runs / ioffe arms drawn
+            groups_of.append(tuple(dict.fromkeys(
+                [a[0]["group"] if isinstance(a, tuple) else a["group"] for a in shown] or list(ctx["group"]))))
 
     def only(df: pd.DataFrame, ctx: pd.DataFrame) -> pd.DataFrame:
         return df[df["group"].isin(ctx["group"])]
@@ -144,31 +164,36 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
                 f"where seeds ended differently; dots: epoch means, bars: range over seeds), one panel per learning "
                 f"rate; {title}.", fig_loss,
                 (ctx, only(steps_b, ctx), spe, only(ep, ctx), num_classes, f"Training loss, BN vs no BN: {title}",
-                 out_dir / f"fig1_loss_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig1_loss_{i}", ctx.iloc[0], title)))
 
     def sweep(kind, x_key, xlabel, base, number):
         def make(i, ctx):
             title = context_label(ctx.iloc[0], (x_key,), other)
             return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
-                    f"mean ± std with per-seed dots; {title}.", fig_sweep,
+                    f"filled markers with bars: mean ± std over seeds; small hollow circles just right of them: "
+                    f"each seed; "
+                    f"crosses at the top: diverged seeds; {title}.", fig_sweep,
                     (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
-                     f"{xlabel.capitalize()} sweep: {title}", out_dir / f"fig{number}_{kind}_{i}_{slug(title)}.png"))
+                     f"{xlabel.capitalize()} sweep: {title}",
+                     out_dir / fig_name(f"fig{number}_{kind}_{i}", ctx.iloc[0], title)))
         return make
 
     def act(i, pair):
         ctx, picked = pair
         title = context_label(ctx.iloc[0], (), other)
         return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
-                f"first (filled) vs last (line) probed epoch, dashed N(0,1) density; {title}.", activation_figure,
+                f"epoch 0 = the probe at initialisation, before training (filled; the earliest probed epoch where a "
+                f"run has no epoch-0 probe, as the legend says) vs the last probed epoch (line), dashed N(0,1) "
+                f"density; {title}.", activation_figure,
                 (picked, f"Activation distributions vs N(0,1): {title}",
-                 out_dir / f"fig4_activations_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig4_activations_{i}", ctx.iloc[0], title)))
 
     def gen(i, ctx):
         title = context_label(ctx.iloc[0], ("lr",), other)
         return (f"Figure 5.{i}: train (solid) vs test (dashed) accuracy per epoch, mean over seeds, one panel "
                 f"per learning rate; {title}.", fig_generalization,
                 (ctx, only(ep, ctx), num_classes, f"Train vs test accuracy: {title}",
-                 out_dir / f"fig5_generalization_{i}_{slug(title)}.png"))
+                 out_dir / fig_name(f"fig5_generalization_{i}", ctx.iloc[0], title)))
 
     add("loss", by_lr, loss)
     add("lr", [c for c in by_lr if c["lr"].nunique() >= 2], sweep("lr", "lr", "learning rate", 10, 2))
@@ -186,10 +211,12 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
                 f"eval_every steps, mean over seeds), then for each arm the 15th, 50th (thick) and 85th percentiles of "
                 f"the last hidden layer's sigmoid input over training (all its units on the probe batch; the paper "
                 f"follows one unit); {title}.", fig_ioffe,
-                (arms, f"Ioffe & Szegedy Figure 1: {title}", out_dir / f"fig6_ioffe_{i}_{slug(title)}.png"))
+                (arms, f"Ioffe & Szegedy Figure 1: {title}",
+                 out_dir / fig_name(f"fig6_ioffe_{i}", ctx.iloc[0], title)))
 
     with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
     add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)
     paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
-    figs = [FigureInfo(kind, p, caption, data) for (kind, caption, _, _), p, data in zip(jobs, paths, data_of) if p]
+    figs = [FigureInfo(kind, p, caption, data, g)
+            for (kind, caption, _, _), p, data, g in zip(jobs, paths, data_of, groups_of) if p]
     return figs, skipped

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ LABELS = {"bn": "BN", "torch": "BN (torch.nn)", "none": "no BN", "gn": "GN", "ln
 MAX_PANELS = 6                             # learning rates per figure (evenly thinned beyond)
 STEP_POINTS = 300                          # step curves are binned to at most this many points
 DPI = 100
+SEED_OFFSET, SEED_SPREAD = 0.035, 0.012   # figures 2, 3: seed dots at x * 10**(decades * (offset + spread * k))
 
 
 def style(group: pd.Series) -> dict:
@@ -52,17 +54,43 @@ def _new(panel_w: float, panel_h: float, nrows: int, ncols: int, wspace: float =
     return fig, axs
 
 
+TITLE_LINE = 0.2                           # inches per title line (11 pt)
+LEGEND_ROW = 0.2                           # inches per legend row (8 pt)
+
+
+def title_lines(title: str, width_in: float) -> list[str]:
+    """The title wrapped at commas/spaces to the figure's width (about 11 characters per inch at
+    11 pt, with a margin): never cut, the figure grows a line instead."""
+    return textwrap.wrap(title, max(30, int(width_in * 11.5))) or [""]
+
+
 def _titles(fig: Figure, title: str, axes) -> None:
-    """Title on the first line, one legend for all panels on the second (top margin)."""
-    h = fig.get_figheight()
-    fig.suptitle(title, fontsize=11, x=0.01, y=1 - 0.08 / h, ha="left", va="top")
+    """Title on the first line(s), wrapped to the figure's width; one legend for all panels below
+    it, in as many rows as its entries need. The figure grows taller by one line per extra title
+    line or legend row (the panels keep their size): nothing is cut at the right edge."""
     seen: dict[str, object] = {}
     for ax in np.ravel(axes):
         for handle, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, handle)
+    lines = title_lines(title, fig.get_figwidth())
+    # an entry is about 0.45 in of handle and padding plus 0.07 in per character at 8 pt
+    entry = 0.45 + 0.07 * max((len(k) for k in seen), default=0)
+    ncol = max(1, min(8, len(seen), int((fig.get_figwidth() - 0.1) / entry)))
+    rows = math.ceil(len(seen) / ncol) if seen else 1
+    extra = (len(lines) - 1) * TITLE_LINE + (rows - 1) * LEGEND_ROW
+    if extra:
+        h0, sp = fig.get_figheight(), fig.subplotpars
+        top_in, bottom_in = (1 - sp.top) * h0, sp.bottom * h0
+        h = h0 + extra
+        fig.set_figheight(h)
+        fig.subplots_adjust(top=1 - (top_in + extra) / h, bottom=bottom_in / h)
+    h = fig.get_figheight()
+    shift = (len(lines) - 1) * TITLE_LINE
+    fig.suptitle("\n".join(lines), fontsize=11, x=0.01, y=1 - 0.08 / h, ha="left", va="top", linespacing=1.1)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="upper left", bbox_to_anchor=(0.005, 1 - 0.3 / h),
-                   fontsize=8, frameon=False, ncol=min(8, len(seen)), handlelength=2.2)
+        fig.legend(list(seen.values()), list(seen.keys()), loc="upper left",
+                   bbox_to_anchor=(0.005, 1 - (0.3 + shift) / h),
+                   fontsize=8, frameon=False, ncol=ncol, handlelength=2.2)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -150,6 +178,24 @@ def _few_ticks(ax, x: bool = True) -> None:
 
 # ---------------------------------------------------------------- figure 1: loss curves per lr
 
+def mark_clipped(ax, top: float) -> int:
+    """For each line of `ax` with values above the y limit `top`: a triangle at the top edge where
+    its maximum is, annotated with that value (a spike must not vanish silently). Returns how many."""
+    n = 0
+    for line in list(ax.get_lines()):
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        ok = np.isfinite(y)
+        if not ok.any() or np.nanmax(y) <= top:
+            continue
+        i = int(np.nanargmax(np.where(ok, y, -np.inf)))
+        ax.plot([x[i]], [0.985], transform=ax.get_xaxis_transform(), marker="^", ms=6, color=line.get_color(),
+                clip_on=False, lw=0, gid="clipped")
+        ax.annotate(f"max {y[i]:.3g}", (x[i], 0.985), xycoords=("data", "axes fraction"), xytext=(4, -3),
+                    textcoords="offset points", fontsize=7, color=line.get_color(), va="top")
+        n += 1
+    return n
+
+
 def fig_loss(ctx: pd.DataFrame, steps_b: pd.DataFrame, spe: dict[str, float], ep: pd.DataFrame,
              num_classes: dict, title: str, path: Path) -> Path:
     """One panel per lr: binned step losses (line) and per-epoch means (dots at mid-epoch on the
@@ -182,9 +228,14 @@ def fig_loss(ctx: pd.DataFrame, steps_b: pd.DataFrame, spe: dict[str, float], ep
         has_steps = bool(len(steps_b[steps_b["group"].isin(ctx["group"])]))
         ax.set_xlabel(f"iteration ({per:.0f} per epoch)" if has_steps else "epoch")
         _few_ticks(ax)
+        if not has_steps:
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
     vals = np.concatenate(tops) if tops else np.array([np.nan])
     top = np.nanpercentile(vals, 98) * 1.1 if np.isfinite(vals).any() else 1.0
-    axs[0, 0].set_ylim(0, max(top, math.log(C) * 1.12 if C else 0.0))
+    top = max(top, math.log(C) * 1.12 if C else 0.0)
+    axs[0, 0].set_ylim(0, top)
+    for ax in axs[0]:
+        mark_clipped(ax, top)
     for ax in axs[0]:
         _chance_line(ax, math.log(C) if C else None, f"chance ln {C}")
     axs[0, 0].set_ylabel("training loss")
@@ -207,6 +258,7 @@ def fig_generalization(ctx: pd.DataFrame, ep: pd.DataFrame, num_classes: dict, t
         ax.set_xlabel("epoch")
         _chance_line(ax, 1 / C if C else None, "chance")
         _few_ticks(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))     # epochs are whole numbers
     axs[0, 0].set_ylabel("accuracy (mean over seeds)")
     _titles(fig, title, axs)
     return _save(fig, path)
@@ -223,15 +275,20 @@ def fig_sweep(ctx: pd.DataFrame, runs: pd.DataFrame, x_key: str, xlabel: str, lo
     panels = (("train_loss", "final training loss"), ("test_acc", "final test accuracy"))
     series = ctx.groupby(["bn", "norm.kind"], sort=False, dropna=False)
     xs = sorted(ctx[x_key].unique())
+    span = max(math.log10(xs[-1] / xs[0]), 0.3) if xs[0] > 0 else 1.0   # decades shown: offsets scale with it
     for ax, (metric, ylabel) in zip(axs[0], panels):
         for _, s in series:
             s = s.sort_values(x_key)
             st = style(s.iloc[0])
-            ax.errorbar(s[x_key], s[f"{metric}_mean"], yerr=s[f"{metric}_std"].fillna(0), marker="o", ms=4,
-                        capsize=3, lw=1.5, **st)
+            ax.errorbar(s[x_key], s[f"{metric}_mean"], yerr=s[f"{metric}_std"].fillna(0), marker="o", ms=6,
+                        capsize=3, lw=1.5, zorder=3, color=st["color"], label=f"{st['label']} mean ± std")
             r = runs[runs["group"].isin(s["group"])]
             ok, div = r[r["outcome"] != "diverged"], r[r["outcome"] == "diverged"]
-            ax.scatter(ok[x_key], ok[metric], s=12, color=st["color"], alpha=0.45, lw=0)
+            # seeds: small hollow circles just right of the mean, spread apart (a factor on the log axis)
+            k = ok.groupby(x_key).cumcount() - 0.5 * (ok.groupby(x_key)[x_key].transform("size") - 1)
+            jitter = 10 ** (span * (SEED_OFFSET + SEED_SPREAD * k))
+            ax.scatter(ok[x_key] * jitter, ok[metric], s=14, facecolors="none", edgecolors=st["color"], lw=0.9,
+                       zorder=4, label=f"{st['label']} each seed")
             if len(div):
                 ax.scatter(div[x_key], np.full(len(div), 0.96), transform=ax.get_xaxis_transform(),
                            marker="x", s=30, color=st["color"], label="diverged seed")
@@ -243,7 +300,7 @@ def fig_sweep(ctx: pd.DataFrame, runs: pd.DataFrame, x_key: str, xlabel: str, lo
         _few_ticks(ax, x=False)
         if C:
             _chance_line(ax, math.log(C) if metric == "train_loss" else 1 / C, "chance")
-    _titles(fig, title + "  (mean ± std, dots = seeds)", axs)
+    _titles(fig, title + "  (filled: mean ± std; hollow, offset right: each seed)", axs)
     return _save(fig, path)
 
 
@@ -264,14 +321,15 @@ def read_activations(path: Path) -> dict[tuple[int, str, str], np.ndarray]:
 
 
 def fig_activations(arms: list[tuple[pd.Series, dict]], title: str, path: Path) -> Path:
-    """Rows = BN arms, columns = norm positions; first probed epoch filled, last as a line."""
+    """Rows = BN arms, columns = norm positions; the earliest probe (epoch 0 = initialisation, when
+    activations.npz has it) filled, the last probed epoch as a line."""
     layers = list(dict.fromkeys(layer for _, acts in arms for (_, layer, _) in acts))
     fig, axs = _new(2.6, 2.0, len(arms), len(layers), wspace=0.25)
     for row, (run, acts) in enumerate(arms):
         st = style(run)
         epochs = sorted({e for e, _, _ in acts})
-        # epoch 0 is the probe at initialisation; the figure compares the first and last trained epochs
-        first, last = (1 if 1 in epochs else epochs[0]), epochs[-1]
+        # epoch 0 is the probe at initialisation (before any training): the natural "before" panel
+        first, last = epochs[0], epochs[-1]
         what = "norm-layer output" if run["bn"] == "on" else "pre-activation"
         axs[row, 0].set_ylabel(f"{st['label']}\n{what}\n(seed {run.get('seed')})", fontsize=9)
         for col, layer in enumerate(layers):
@@ -286,7 +344,7 @@ def fig_activations(arms: list[tuple[pd.Series, dict]], title: str, path: Path) 
                 a = data[epoch]
                 dens, edges = np.histogram(a, bins=60, range=(lo, hi), density=True)
                 ax.stairs(dens, edges, fill=fill, alpha=alpha, color=st["color"], lw=1.3,
-                          label=f"{st['label']} epoch {epoch}")
+                          label=f"{st['label']} " + ("epoch 0 (init)" if epoch == 0 else f"epoch {epoch}"))
                 text.append(f"e{epoch}: {a.mean():.2f} ± {a.std():.2f}")
             x = np.linspace(*ax.get_xlim(), 200)
             ax.plot(x, np.exp(-x * x / 2) / math.sqrt(2 * math.pi), "k--", lw=1, label="N(0,1)")

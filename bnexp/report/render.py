@@ -1,7 +1,9 @@
 """The report as a list of blocks, rendered to Markdown or to one self-contained HTML page.
 
-Text blocks may use `code` and **bold** (the only inline Markdown the HTML renderer converts).
-HTML embeds every figure as a base64 PNG and inlines its CSS, so the page opens offline.
+Text blocks and table cells may use `code`, **bold** and [links](relative/path) (the only inline
+Markdown the HTML renderer converts). HTML embeds every figure as a base64 PNG and inlines its CSS,
+so the page opens offline; a link to a figure's PNG becomes a link to the figure in the page, and
+links to runs stay relative (they work while the report sits where it was written).
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def to_markdown(blocks: list[Block]) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
 code{background:#f4f4f4;padding:0 3px;border-radius:3px}
@@ -89,29 +91,51 @@ figcaption{font-style:italic;color:#444;margin-top:0.3em} .csv{color:#666;font-s
 """
 
 
-def _inline(text: str) -> str:
-    t = html.escape(text)
+def figure_id(b: Figure) -> str:
+    """'fig-1-2' for a caption starting 'Figure 1.2:' (the anchor links to the figure point at)."""
+    m = re.match(r"Figure (\d+)\.(\d+)", b.caption)
+    return f"fig-{m[1]}-{m[2]}" if m else "fig-" + re.sub(r"[^A-Za-z0-9]+", "-", b.path.stem)
+
+
+def _inline(text: str, anchors: dict[str, str] | None = None) -> str:
+    t = html.escape(str(text))
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+
+    def link(m: re.Match) -> str:
+        href = (anchors or {}).get(html.unescape(m[2]), m[2])
+        return f'<a href="{href}">{m[1]}</a>'
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", link, t)
+
+
+def html_table(df: pd.DataFrame, anchors: dict[str, str] | None = None) -> str:
+    """A plain HTML table whose cells get the same inline Markdown as text (code, bold, links)."""
+    head = "".join(f"<th>{_inline(c, anchors)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(v, anchors)}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def to_html(blocks: list[Block], title: str) -> str:
     out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    anchors = {b.path.name: "#" + figure_id(b) for b in blocks if isinstance(b, Figure)}
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")
+            out.append(f"<h{b.level}>{_inline(b.text, anchors)}</h{b.level}>")
         elif isinstance(b, Text):
-            out.append("".join(f"<p>{_inline(p)}</p>" for p in b.text.split("\n\n")))
+            out.append("".join(f"<p>{_inline(p, anchors)}</p>" for p in b.text.split("\n\n")))
         elif isinstance(b, Bullets):
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{_inline(i, anchors)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Table):
-            out.append(b.df.to_html(index=False, border=0, escape=True))
+            out.append(html_table(b.df, anchors))
             if b.csv:
-                out.append(f"<div class=\"csv\">full numbers: {html.escape(b.csv)} (beside this file)</div>")
+                out.append(f"<div class=\"csv\">full numbers: <a href=\"{html.escape(b.csv)}\">"
+                           f"{html.escape(b.csv)}</a> (beside this file)</div>")
         elif isinstance(b, Figure):
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            out.append(f"<figure><img alt=\"{html.escape(b.caption)}\" src=\"data:image/png;base64,{data}\">"
-                       f"<figcaption>{_inline(b.caption)}</figcaption></figure>")
+            out.append(f"<figure id=\"{figure_id(b)}\"><img alt=\"{html.escape(b.caption)}\" "
+                       f"src=\"data:image/png;base64,{data}\"><figcaption>{_inline(b.caption, anchors)} "
+                       f"(<a href=\"{html.escape(b.path.name)}\">PNG</a>)</figcaption></figure>")
     out.append("</body></html>")
     return "\n".join(out)
