@@ -4,7 +4,7 @@ Why not `torch.utils.tensorboard.SummaryWriter`? It hands every event to a write
 a 10-slot queue, and that thread frames each record with tensorboard's pure-Python CRC32C. On
 this 2-core CPU a step's three scalars cost ~0.4 ms that way: ~100 ms for a 235-step LeNet5
 epoch, about as long as the whole epoch takes on a GPU with CUDA graphs. Here the events are the
-same protobufs (scalars as `simple_value`s, as SummaryWriter writes them; histograms and hparams
+same protobufs (scalars as `simple_value`s, as SummaryWriter writes them; histograms
 from torch's `summary` helpers), one event per step holds that step's scalars, and the records
 are buffered and appended to the file in one write per `flush()` (once per epoch) from the
 training thread: no thread, no queue.
