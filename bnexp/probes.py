@@ -92,8 +92,9 @@ def record(model: nn.Module, x: torch.Tensor, epoch: int, step: int, samples: di
     """Add epoch `epoch`'s activations to `samples` (npz keys) and to TensorBoard histograms.
 
     activations.npz keeps `input` and `output` for every layer (the report reads both). TensorBoard
-    gets `activations/<layer>/input` and `/output`, except where the norm position is an
+    gets `probe/<layer>/input` and `/output`, except where the norm position is an
     nn.Identity (no BN): there both are the same tensor, shown once as `/pre-activation`.
+    (`probe/` sorts after `batch/` and `epoch/`, so TensorBoard's TIME SERIES opens on the curves.)
     """
     identity = {name for name, m in model.norm_layers() if isinstance(m, nn.Identity)}
     for layer, (inp, out) in capture(model, x).items():
@@ -102,4 +103,4 @@ def record(model: nn.Module, x: torch.Tensor, epoch: int, step: int, samples: di
         if tb is not None:
             shown = (("pre-activation", inp),) if layer in identity else (("input", inp), ("output", out))
             for where, t in shown:
-                tb.histogram(f"activations/{layer}/{where}", t, step)
+                tb.histogram(f"probe/{layer}/{where}", t, step)

@@ -89,6 +89,11 @@ def test_the_per_step_curves_are_the_first_scalar_group(tb):
         groups = sorted({t.split("/")[0] for t in tags})  # TensorBoard orders tag groups by name
         assert groups[0] == "batch", (run, groups)
         assert "hparam" not in groups
+    # TIME SERIES shows every kind of tag, grouped and ordered the same way: the curves still come first
+    hists = provider.list_tensors(ctx, experiment_id="", plugin_name="histograms")
+    for run in scalars:
+        groups = sorted({t.split("/")[0] for t in [*scalars[run], *hists[run]]})
+        assert groups[0] == "batch", (run, groups)
     loss = provider.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100,
                                  run_tag_filter=provider_filter(tags=["batch/loss"]))
     assert {len(by_tag["batch/loss"]) for by_tag in loss.values()} == {4}  # 256 / 64 steps, one epoch
@@ -100,8 +105,8 @@ def test_no_bn_runs_show_each_pre_activation_once(tb):
     assert len(hist) == 8
     for run, tags in hist.items():
         layers = {t.split("/")[1] for t in tags}
-        assert layers and all(t.startswith("activations/") for t in tags)
+        assert layers and all(t.startswith("probe/") for t in tags)
         if "-none-" in run:
-            assert set(tags) == {f"activations/{layer}/pre-activation" for layer in layers}, run
+            assert set(tags) == {f"probe/{layer}/pre-activation" for layer in layers}, run
         else:
-            assert set(tags) == {f"activations/{layer}/{w}" for layer in layers for w in ("input", "output")}, run
+            assert set(tags) == {f"probe/{layer}/{w}" for layer in layers for w in ("input", "output")}, run

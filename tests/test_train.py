@@ -88,7 +88,7 @@ def test_tensorboard_has_scalars_histograms_and_hparams(capsys, fm_args, tmp_pat
     assert len(acc.Scalars("batch/loss")) == len(acc.Scalars("batch/acc")) == 16
     assert all(e.value == pytest.approx(0.1) for e in acc.Scalars("batch/lr"))
     assert all(0 <= e.value <= 1 for e in acc.Scalars("batch/acc"))
-    assert "activations/fc1.norm/output" in tags["histograms"]
+    assert "probe/fc1.norm/output" in tags["histograms"]
     assert "_hparams_/session_start_info" in acc.summary_metadata  # in the run's own file
     assert not (run / "hparams").exists()
 
