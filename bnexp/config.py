@@ -412,6 +412,30 @@ def identity(cfg: DictConfig) -> dict:
     return d
 
 
+# Identity keys that still say nothing about the run to a reader: `bn` restates norm.kind, and
+# data.verify only checks the files. Left out of TensorBoard's hparams with NON_IDENTITY_KEYS.
+NON_HPARAM_KEYS = ("bn", "data.verify")
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The keys that define a run, flat, for TensorBoard's hparams table: the identity's keys
+    (HASH_DEFAULTS ones at their default values too, so every run has the same columns) less
+    NON_HPARAM_KEYS. None becomes "None" (the plugin takes only bool, number and string)."""
+    full = flatten(OmegaConf.to_container(cfg))
+    keep = (set(flatten(identity(cfg))) | set(HASH_DEFAULTS)) - set(NON_HPARAM_KEYS)
+    return {k: ("None" if v is None else v) for k, v in full.items() if k in keep}
+
+
+def run_label(cfg: DictConfig, run_id: str) -> str:
+    """A name a person can read for TensorBoard's hparams table (its Trial ID column, which cuts
+    names after ~18 characters): what a sweep usually varies first, as compactly as the run id
+    writes it, then the rest of the run id's fields and its hash, which keeps it unique, e.g.
+    `bn lr0.5 s0 bs512 | lenet5 fashion_mnist sgd e20 | 3f9c2a1b0d`."""
+    rest = f"{cfg.model.name} {cfg.data.name} {cfg.optim.name} e{cfg.epochs}" + (
+        "" if cfg.precision == "fp32" else f" {cfg.precision}")
+    return f"{cfg.norm.kind} lr{cfg.lr:g} s{cfg.seed} bs{cfg.batch_size} | {rest} | {run_id.rsplit('-', 1)[-1]}"
+
+
 def config_hash(cfg: DictConfig) -> str:
     blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -89,9 +89,18 @@ def capture(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, 
 
 
 def record(model: nn.Module, x: torch.Tensor, epoch: int, step: int, samples: dict, tb=None) -> None:
-    """Add epoch `epoch`'s activations to `samples` (npz keys) and to TensorBoard histograms."""
+    """Add epoch `epoch`'s activations to `samples` (npz keys) and to TensorBoard histograms.
+
+    activations.npz keeps `input` and `output` for every layer (the report reads both). TensorBoard
+    gets `probe/<layer>/input` and `/output`, except where the norm position is an
+    nn.Identity (no BN): there both are the same tensor, shown once as `/pre-activation`.
+    (`probe/` sorts after `batch/` and `epoch/`, so TensorBoard's TIME SERIES opens on the curves.)
+    """
+    identity = {name for name, m in model.norm_layers() if isinstance(m, nn.Identity)}
     for layer, (inp, out) in capture(model, x).items():
         for where, t in (("input", inp), ("output", out)):
             samples[f"e{epoch}/{layer}/{where}"] = _sample(t)
-            if tb is not None:
-                tb.histogram(f"activations/{layer}/{where}", t, step)
+        if tb is not None:
+            shown = (("pre-activation", inp),) if layer in identity else (("input", inp), ("output", out))
+            for where, t in shown:
+                tb.histogram(f"probe/{layer}/{where}", t, step)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from . import config as C
 from . import data, engine, execution, models, probes
@@ -453,6 +452,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     rd.write_info(_info(rd, cfg, s, "running", state, attempt))
     step0 = sum(state["steps_per_epoch"])
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
+    tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
     probe_x = engine.model_input(s.test.x[:PROBE_BATCH], s.model.input_size, s.opts.channels_last)
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
     bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
@@ -465,8 +465,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             ep = train_epoch(s, cfg, epoch, bar, _mid_epoch_evals(s, cfg, state, epoch, step0, tb))
             step_losses = ep["losses"].tolist()
             lr = s.optimizer.param_groups[0]["lr"]
-            tb.step_scalars(step0 + 1, {"train/loss_step": step_losses, "train/acc_step": ep["step_acc"].tolist(),
-                                        "train/lr_step": [lr] * len(step_losses)})
+            tb.step_scalars(step0 + 1, {"batch/loss": step_losses, "batch/acc": ep["step_acc"].tolist(),
+                                        "batch/lr": [lr] * len(step_losses)})
             state["losses"] += step_losses
             state["steps_per_epoch"].append(len(step_losses))
             step0 += len(step_losses)
@@ -522,9 +522,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
         rd.write_activations(samples)
     info = _info(rd, cfg, s, status, state, attempt, ended=now_iso())
     rd.write_info(info)
-    hp = {k: v for k, v in C.flatten(OmegaConf.to_container(cfg)).items() if k not in C.NON_IDENTITY_KEYS}
-    tb.hparams(hp, {f"hparam/{k}": (v if v is not None else float("nan"))
-                    for k, v in (info["final"] or {}).items()})
+    tb.session_end(status)
     tb.close()
     return RunResult(rd.run_id, rd.path, status, info["final"], state["elapsed"], epochs_completed=len(state["metrics"]),
                      extra={"resumed_from": resumed, "diverged_at": state["diverged_at"]})

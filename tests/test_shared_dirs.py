@@ -43,7 +43,7 @@ def test_run_files_are_created_as_open_would_with_the_umask(base, umask, mask):
     assert r.status == "completed"
     got = modes(r.path)
     names = {Path(n).name.split(".")[0] or Path(n).name for n in got}
-    assert {"run", "config", "metrics", "steps", "activations", "checkpoint", "events", "hparams", ".lock"} <= \
+    assert {"run", "config", "metrics", "steps", "activations", "checkpoint", "events", ".lock"} <= \
         names | {Path(n).name for n in got}, got
     for name, mode in got.items():
         want = (0o777 if (r.path / name).is_dir() else 0o666) & ~mask

@@ -31,11 +31,11 @@ def test_crc_is_tensorboards_masked_crc32c():
 def test_step_scalars_one_event_per_step_read_back_by_tensorboard(tmp_path):
     tb = TensorBoardLog(tmp_path, purge_step=None)
     loss, acc = [2.0, 1.5, 1.25, 1.0], [0.1, 0.3, 0.5, 0.7]
-    tb.step_scalars(11, {"train/loss_step": loss, "train/acc_step": acc, "train/lr_step": [0.1] * 4})
+    tb.step_scalars(11, {"batch/loss": loss, "batch/acc": acc, "batch/lr": [0.1] * 4})
     tb.scalars({"epoch/test_acc": 0.5}, 14)
     tb.close()
-    assert points(tmp_path, "train/loss_step") == [(11 + i, v) for i, v in enumerate(loss)]
-    assert [s for s, _ in points(tmp_path, "train/acc_step")] == [11, 12, 13, 14]
+    assert points(tmp_path, "batch/loss") == [(11 + i, v) for i, v in enumerate(loss)]
+    assert [s for s, _ in points(tmp_path, "batch/acc")] == [11, 12, 13, 14]
     assert points(tmp_path, "epoch/test_acc") == [(14, 0.5)]
     files = list(tmp_path.glob("events.out.tfevents.*"))
     assert len(files) == 1
@@ -106,10 +106,18 @@ def test_histogram_of_special_tensors(tmp_path):
     assert load(tmp_path, "histograms").Tags()["histograms"] == ["ok"]
 
 
-def test_hparams_land_in_their_own_folder(tmp_path):
+def test_hparams_land_in_the_runs_own_file_without_an_experiment(tmp_path):
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
     tb = TensorBoardLog(tmp_path, purge_step=None)
-    tb.hparams({"lr": 0.1, "model": "lenet5", "momentum": None}, {"hparam/test_acc": 0.875})
+    tb.hparams({"lr": 0.1, "model": "lenet5", "momentum": None}, group_name="bn lr=0.1")
+    tb.session_end("completed")
     tb.close()
-    hp = load(tmp_path / "hparams")
-    assert [(e.step, e.value) for e in hp.Scalars("hparam/test_acc")] == [(0, 0.875)]
-    assert "_hparams_/experiment" in hp.summary_metadata
+    assert list(tmp_path.iterdir()) == list(tmp_path.glob("events.out.tfevents.*"))  # no hparams/ folder
+    acc = load(tmp_path)
+    assert "_hparams_/experiment" not in acc.summary_metadata  # TensorBoard infers it from all runs
+    content = acc.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    start = hp_metadata.parse_session_start_info_plugin_data(content)
+    assert start.group_name == "bn lr=0.1"
+    assert {k: v.WhichOneof("kind") for k, v in start.hparams.items()} == \
+        {"lr": "number_value", "model": "string_value", "momentum": "string_value"}

@@ -83,14 +83,14 @@ def test_tensorboard_has_scalars_histograms_and_hparams(capsys, fm_args, tmp_pat
     run = only_run(tmp_path / "results")
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0}).Reload()
     tags = acc.Tags()
-    assert {"train/loss_step", "train/acc_step", "train/lr_step", "epoch/train_loss", "epoch/test_acc",
+    assert {"batch/loss", "batch/acc", "batch/lr", "epoch/train_loss", "epoch/test_acc",
             "epoch/lr"} <= set(tags["scalars"])
-    assert len(acc.Scalars("train/loss_step")) == len(acc.Scalars("train/acc_step")) == 16
-    assert all(e.value == pytest.approx(0.1) for e in acc.Scalars("train/lr_step"))
-    assert all(0 <= e.value <= 1 for e in acc.Scalars("train/acc_step"))
-    assert "activations/fc1.norm/output" in tags["histograms"]
-    hp = EventAccumulator(str(run / "hparams")).Reload()
-    assert "hparam/test_acc" in hp.Tags()["scalars"]
+    assert len(acc.Scalars("batch/loss")) == len(acc.Scalars("batch/acc")) == 16
+    assert all(e.value == pytest.approx(0.1) for e in acc.Scalars("batch/lr"))
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("batch/acc"))
+    assert "probe/fc1.norm/output" in tags["histograms"]
+    assert "_hparams_/session_start_info" in acc.summary_metadata  # in the run's own file
+    assert not (run / "hparams").exists()
 
 
 def test_same_seed_same_numbers_and_bn_off(capsys, synth_data_dir, tmp_path):
@@ -175,7 +175,7 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     assert tb_points(run) == tb_points(other) and len(tb_points(run)) == 3 * 200
 
 
-def tb_points(run: Path, tag: str = "train/loss_step") -> list[tuple]:
+def tb_points(run: Path, tag: str = "batch/loss") -> list[tuple]:
     """The scalar points TensorBoard's own loader shows for `tag`, after its purge of orphaned steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -231,7 +231,7 @@ def test_kill_next_to_a_checkpoint_keeps_tensorboard_whole(tmp_path, uninterrupt
     assert f"resumed after epoch {resumed_after}" in resumed.stdout
     assert numbers(read_csv(run / "metrics.csv")) == numbers(read_csv(other / "metrics.csv"))
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one file per attempt
-    for tag in ("train/loss_step", "epoch/test_acc"):
+    for tag in ("batch/loss", "epoch/test_acc"):
         assert tb_points(run, tag) == tb_points(other, tag)
     assert [s for s, _ in tb_points(run)] == list(range(1, 3 * 50 + 1))
 

@@ -34,13 +34,13 @@ def _cases(ours: TensorBoardLog, theirs: SummaryWriter, device: torch.device) ->
     step = [0]
 
     def our_scalars():
-        ours.step_scalars(step[0], {"train/loss_step": loss, "train/acc_step": acc, "train/lr_step": [0.1] * STEPS})
+        ours.step_scalars(step[0], {"batch/loss": loss, "batch/acc": acc, "batch/lr": [0.1] * STEPS})
         ours.flush()
         step[0] += STEPS
 
     def torch_scalars():
         for i in range(STEPS):
-            for tag, v in (("train/loss_step", loss[i]), ("train/acc_step", acc[i]), ("train/lr_step", 0.1)):
+            for tag, v in (("batch/loss", loss[i]), ("batch/acc", acc[i]), ("batch/lr", 0.1)):
                 theirs.add_scalar(tag, v, step[0] + i)
         theirs.flush()
         step[0] += STEPS
