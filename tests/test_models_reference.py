@@ -71,7 +71,7 @@ def test_norm_after_the_nonlinearity_sees_its_output_and_keeps_the_state_dict_ke
     assert list(after.conv1._modules) == ["conv", "act", "norm"]
     assert before.state_dict().keys() == after.state_dict().keys()
     seen = {}
-    after.conv1.norm.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0]))
+    after.conv1.norm.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0].detach()))
     after(torch.rand(4, 1, 28, 28))
     assert float(seen["inp"].min()) >= 0  # a ReLU's output
 
