@@ -204,6 +204,7 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
     # the generalisation claim is about AlexNet / CIFAR-100: those contexts first
     add("generalization", sorted(by_lr, key=lambda c: not c["model.name"].astype(str).str.startswith("alexnet").any()),
         gen)
+
     def ioffe(i, pair):
         ctx, arms = pair
         title = context_label(ctx.iloc[0], (), other)
