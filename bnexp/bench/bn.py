@@ -13,7 +13,6 @@ ghost_size 32 (N // 2 for batches under 64), noisy with its default noise.
 """
 
 import math
-import platform
 import statistics
 
 import torch
@@ -22,6 +21,7 @@ import bnexp.nn
 from bnexp.nn import functional as bn_functional
 from bnexp.nn.kinds import check_norm, resolve_groups
 
+from ..execution import device_name
 from . import time_samples
 
 SHAPES = ((256, 6, 28, 28), (256, 16, 10, 10), (64, 64, 32, 32))  # LeNet5's two BN2d inputs at batch 256, a wide one
@@ -33,15 +33,8 @@ def default_shapes(device: torch.device) -> tuple:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the model name is more telling than "x86_64"
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    name = device_name(device)  # the GPU, or the CPU's model name (what run.json records)
+    return name if device.type == "cuda" else f"{name}, {torch.get_num_threads()} threads"
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str | None = None):
