@@ -217,10 +217,14 @@ def expand(overrides: list[str], max_runs: int = MAX_RUNS) -> tuple[dict[str, li
     counted first and refused above `max_runs` points, so memory stays what the grid needs; a
     replaced override is never enumerated.
     """
+    return expand_grid(parse_grid(overrides), max_runs)
+
+
+def expand_grid(grid: Grid, max_runs: int = MAX_RUNS) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """`expand` of an already parsed grid."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.errors import HydraException
 
-    grid = parse_grid(overrides)
     check_size(grid, max_runs)
     try:
         [points] = BasicSweeper.split_arguments(grid.overrides, None)
@@ -286,7 +290,7 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
     if len(grids) > 1 and (size := sum(g.size for g in grids)) > max_runs:
         raise BnexpError(f"the grid has {size:,} points over the preset's {len(grids)} arms, more than the maximum "
                          f"of {max_runs:,} runs; narrow the grid, or pass --max-runs {size} to run it anyway")
-    expanded = [expand(arm + list(overrides), max_runs) for arm in p.arm_overrides()]
+    expanded = [expand_grid(g, max_runs) for g in grids]  # each arm's grid, parsed once
     grid = [point for _, points in expanded for point in points]
     axes = _merge_axes([a for a, _ in expanded], grid)
     swept = set(axes)
