@@ -22,6 +22,7 @@ def _config_keys_help() -> str:
     """Every config key with its default and comment, from the config files themselves (config.key_docs),
     and the limits that bad input is checked against."""
     from .config import BN_NEEDS_TWO, LIMITS, group_options, key_docs
+    from .nn.kinds import BATCH_STAT_KINDS
 
     keys, groups = key_docs()
     lines = [f"  {key + '=' + default:<30} {comment}".rstrip() for key, default, comment in keys]
@@ -29,7 +30,8 @@ def _config_keys_help() -> str:
     limits = ", ".join(f"{k} <= {v:g}" if isinstance(v, float) else f"{k} <= {v}" for k, (v, _) in LIMITS.items())
     return "\n".join(["\b", "Config keys (key=default):", *lines, "Config groups (group=option):", groups_line,
                       "Limits (bad input stops before any work, exit code 2):", "  " + limits,
-                      f"  with BN (norm=bn|torch): {', '.join(BN_NEEDS_TWO)} >= 2; data_dir must exist"])
+                      f"  with batch statistics (norm={'|'.join(BATCH_STAT_KINDS)}): {', '.join(BN_NEEDS_TWO)} >= 2; "
+                      "data_dir must exist"])
 
 
 app = typer.Typer(
@@ -150,15 +152,15 @@ def sweep(
         return
     if bn is not None and bn.replace(" ", "").lower() not in ("on", "off", "on,off", "off,on"):
         raise BnexpError(f"--bn must be on, off or on,off, got {bn!r}")
-    overrides = with_bn(list(overrides or []), bn.replace(" ", "").lower() if bn else None)
+    overrides = with_bn(list(overrides or []), bn.replace(" ", "").lower() if bn else None)  # a list from here
     options = L.parse_options(launcher_opt)
     parallel = (jobs or 1) > 1 or launcher != Launcher.local
     if dry_run:  # a grid above the maximum is counted and previewed, never expanded
-        p, grids = S.preset_grid(list(overrides or []), preset)
+        p, grids = S.preset_grid(overrides, preset)
         if sum(g.size for g in grids) > max_runs:
             typer.echo(S.describe_grid(p, grids, max_runs))
             return
-    plan = S.plan(list(overrides or []), preset=preset, quiet=parallel, max_runs=max_runs)
+    plan = S.plan(overrides, preset=preset, quiet=parallel, max_runs=max_runs)
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if note := S.oversubscription(plan, jobs, launcher.value):
