@@ -275,6 +275,18 @@ def _fresh_state() -> dict:
             "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": []}
 
 
+def _epoch_evaluation(s: Setup, cfg, state: dict, step: int) -> tuple[float, float]:
+    """Test loss and accuracy at the end of an epoch (its last step is `step`): the eval_every
+    evaluation of that same step when there is one (the model has not changed since), else a new one."""
+    last = state["evals"][-1] if state["evals"] else None
+    if last is not None and last["step"] == step:
+        return last["test_loss"], last["test_acc"]
+    t = time.perf_counter()
+    test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
+    state["eval_seconds"] += time.perf_counter() - t
+    return test_loss, test_acc
+
+
 def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
     """The `on_step` of an epoch when eval_every > 0: test loss/accuracy every eval_every steps."""
     if not cfg.eval_every:
@@ -474,9 +486,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                 state["diverged_at"] = {"epoch": epoch, "step": step0}
                 status = "diverged"
                 break
-            t_eval = time.perf_counter()
-            test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
-            state["eval_seconds"] += time.perf_counter() - t_eval
+            test_loss, test_acc = _epoch_evaluation(s, cfg, state, step0)
             row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
                    "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
                    "lr": lr, "seconds": round(ep["seconds"], 4)}
