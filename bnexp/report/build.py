@@ -42,6 +42,9 @@ EXPERIMENTS = (
     ("noisy_bn", "Noisy BN (unstable layer inputs) trains about as well as BN", ("loss",)),
     ("saturation", "BN pulls sigmoid inputs out of saturation", ("activations",)),
     ("norm_position", "BN before vs after the nonlinearity", ("loss",)),
+    ("landscape", "BN smooths the loss landscape (Santurkar et al. 2018, Figure 4)", ("landscape",)),
+    ("ics", "BN's benefit does not come from less internal covariate shift (Santurkar et al. 2018)", ("ics",)),
+    ("weight_decay", "with BN, weight decay raises the effective step of scale-invariant weights", ("effective_step",)),
 )
 # experiments shown by a reference table rather than a figure: preset -> text in the reference set's name
 REFERENCE_ONLY = {"article_5epoch": "5-epoch", "d2l_bn": "d2l"}
@@ -111,7 +114,8 @@ def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> l
 # preset keys that say which runs an experiment's are (the others, lr, batch size, epochs, sizes, may be
 # overridden on the command line): preset key -> config column
 IDENTIFYING = {"model": "model.name", "data": "data.name", "optim": "optim.name", "norm": "norm.kind", "bn": "bn",
-               "model.activation": "model.activation", "model.norm_position": "model.norm_position"}
+               "model.activation": "model.activation", "model.norm_position": "model.norm_position",
+               "optim.weight_decay": "optim.weight_decay"}
 # experiments with a second preset for the same claim
 ALSO = {"generalization": ("generalization_alexnet_cifar",)}
 WHY_NO_FIGURE = {
@@ -121,6 +125,10 @@ WHY_NO_FIGURE = {
     "activations": "needs activations.npz (probe_every)",
     "generalization": "not drawn (limit per kind: choose with `--where`)",
     "ioffe": "needs evals.csv (eval_every) in every seed of 2 or more arms",
+    "landscape": "needs measures.csv with landscape, predictiveness or beta_smoothness (`measure=`)",
+    "ics": "needs measures.csv with ics (`measure=[ics]`)",
+    "saturation": "needs measures.csv with saturation (`measure=[saturation]`)",
+    "effective_step": "needs measures.csv with weights of a BN run (`measure=[weights]`)",
 }
 COVERAGE_RULE = (
     "status: an experiment's runs are the completed or diverged runs whose model, data set, optimiser and norm "
@@ -284,7 +292,8 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
 
 def _ours(out_dir: Path) -> list[Path]:
     """What a report writes into its folder (only our own file names: other files are left alone)."""
-    return [p for p in [*out_dir.glob("fig[1-6]_*.png"), *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
+    figs = [*out_dir.glob("fig[1-9]_*.png"), *out_dir.glob("fig1[0-9]_*.png")]
+    return [p for p in [*figs, *(out_dir / n for n in (*CSV_NAMES, "report.md", "report.html"))]
             if p.is_file()]
 
 
@@ -344,7 +353,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None, where: list[str
         tables = write_tables(a, stage)
         prefer = set(a.ref_table.loc[a.ref_table["quality"] == "exact", "group"].dropna())
         figs, skipped = draw_all(a.groups, a.runs_tab, a.runs.epochs, a.runs.steps, a.keys, a.other,
-                                 a.refdata.num_classes, stage, prefer)
+                                 a.refdata.num_classes, stage, prefer, a.runs.measures)
         blocks = build_blocks(a, results_dir, where, figs, skipped, out_dir)
         reports = []
         if fmt in ("md", "both"):

@@ -3,6 +3,7 @@
 `fake_run(results_dir, lr=0.5, bn="off", seed=1, train_loss=2.3026)` writes config.yaml,
 run.json, metrics.csv, steps.csv and activations.npz without training: the metric curves decay
 smoothly from chance level to the requested final values, so every figure has something to draw.
+With `measure=[...]` (instrument names) it writes measures.csv too, in bnexp.measures_format.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from bnexp import measures_format as MF
 
 # The resolved defaults of bnexp/conf/config.yaml (LeNet5 / FashionMNIST / in-repo BN / plain SGD).
 BASE_CONFIG: dict[str, Any] = {
@@ -29,6 +32,9 @@ BASE_CONFIG: dict[str, Any] = {
 LAYERS = {"lenet5": ["conv1.norm", "conv2.norm", "fc1.norm", "fc2.norm"],
           "alexnet": [f"conv{i}.norm" for i in range(1, 6)] + ["fc1.norm", "fc2.norm"]}
 LAYERS["alexnet_cifar"] = LAYERS["alexnet"]
+# LeNet5's module names (bnexp.models): the layers measures.csv names per weight layer / nonlinearity
+WEIGHT_LAYERS = ("conv1.conv", "conv2.conv", "fc1.linear", "fc2.linear", "fc3")
+ACT_LAYERS = ("conv1.act", "conv2.act", "fc1.act", "fc2.act")
 NUM_CLASSES = {"fashion_mnist": 10, "cifar100": 100}
 WHERE_ONLY = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every")
 
@@ -115,6 +121,8 @@ def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str
         "seconds": {"train": 1.5 * done, "total": 2.0 * done},
     }
     (path / "run.json").write_text(json.dumps(info, indent=2))
+    if cfg.get("measure") and n_steps:
+        write_measures(path, cfg, n_steps, rng)
     if activations and done:
         _write_activations(path, cfg, sorted({0, 1, done}), act_samples, rng)   # 0: the probe at init
     return path
@@ -133,3 +141,36 @@ def _write_activations(path: Path, cfg: dict, epochs: list[int], n: int, rng) ->
             else:
                 arrays[f"e{e}/{layer}/output"] = x
     np.savez(path / "activations.npz", **arrays)
+
+
+def write_measures(path: Path, cfg: dict, n_steps: int, rng) -> None:
+    """measures.csv for the instruments in cfg["measure"], at step 0 and every measure_every steps:
+    plausible shapes (BN: a narrower landscape band, a smaller beta), not measured numbers."""
+    every, bn = int(cfg.get("measure_every") or 10), cfg["bn"] == "on"
+    act = cfg["model"].get("activation", "relu")
+    sat = ("saturated", "mean_derivative") if act in ("sigmoid", "tanh") else ("dead", "active")
+    rows = []
+    for step in range(0, n_steps + 1, every):
+        t = step / max(n_steps, 1)
+        loss = 0.3 + 2.0 * math.exp(-4 * t)
+        spread = (0.2 if bn else 1.5) * (1 + 0.1 * rng.standard_normal())
+        values = {("landscape", "model", "min"): loss * (1 - 0.1 * spread),
+                  ("landscape", "model", "max"): loss * (1 + spread),
+                  ("landscape", "model", "loss"): loss,
+                  ("predictiveness", "model", "min"): 0.1 * spread,
+                  ("predictiveness", "model", "max"): 2.0 * spread,
+                  ("beta_smoothness", "model", "max"): 5.0 * spread}
+        for i, layer in enumerate(WEIGHT_LAYERS):
+            values |= {("ics", layer, "l2"): 0.0 if i == 0 else 0.05 * i * spread,
+                       ("ics", layer, "cos"): 1.0 if i == 0 else 1 - 0.05 * i * spread,
+                       ("weights", layer, "weight_norm"): 3.0 + t / (1 + 100 * cfg["optim"]["weight_decay"]),
+                       ("weights", layer, "grad_norm"): 0.5 * spread}
+            if bn and layer != WEIGHT_LAYERS[-1]:        # the last layer has no norm after it
+                values[("weights", layer, "effective_step")] = cfg["lr"] * 0.5 * spread / values[
+                    ("weights", layer, "weight_norm")]
+        for i, layer in enumerate(ACT_LAYERS):
+            frac = (0.05 if bn else 0.2 + 0.05 * i) * t
+            values |= {("saturation", layer, sat[0]): frac, ("saturation", layer, sat[1]): 0.25 - 0.1 * frac}
+        rows += [(step, *key, v) for key, v in values.items() if key[0] in cfg["measure"]]
+    (path / MF.FILE_NAME).write_text(",".join(MF.HEADER) + "\n" + "".join(
+        f"{s},{i},{lay},{st},{v:.6g}\n" for s, i, lay, st, v in rows))

@@ -1,7 +1,9 @@
 """Which figures the report draws: contexts, per-kind limits, and drawing them in parallel.
 
 A *context* is a set of run groups that share every defining config key except the BN arm
-(bn, norm.*, model.dropout) and the swept key (lr for figures 1, 2, 5; batch size for 3).
+(bn, norm.*, model.dropout) and the swept key (lr for figures 1, 2, 5; batch size for 3;
+optim.weight_decay for 10). Figures 7-10 (measures.csv) are drawn only for contexts whose runs
+measured what they show, with the groups that did.
 Contexts holding a group that matches an exact reference come first; each kind is capped
 (MAX_FIGURES) so the report's cost does not grow with the number of runs.
 """
@@ -20,16 +22,44 @@ from typing import Callable
 
 import pandas as pd
 
+from bnexp.report import fig_measures as FM
+from bnexp.report import measures as M
 from bnexp.report.aggregate import context_key, fmt_value
 from bnexp.report.figures import (binned_steps, epoch_stats, fig_activations, fig_generalization, fig_ioffe,
                                   fig_loss, fig_sweep, read_activations, read_evals)
 
-MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2, "ioffe": 1}  # ~0.1 s CPU per panel
+MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2, "ioffe": 1,  # ~0.1 s CPU
+               "landscape": 2, "ics": 2, "saturation": 2, "effective_step": 2}                   # per panel
+TITLES = {"landscape": "Loss landscape, BN vs no BN", "ics": "Internal covariate shift per layer",
+          "saturation": "Saturation per nonlinearity", "effective_step": "Effective step, with vs without weight decay"}
+# The measure figures (issue 15): kind -> (figure number, file name, the keys a context spans besides the
+# BN arm, the instruments it draws from measures.csv, the drawing function, caption text). Each is drawn per
+# context (effective_step spans optim.weight_decay, the weight_decay preset's arms) with the groups that have
+# the data.
+MEASURE_FIGURES = {
+    "landscape": (7, "landscape", (), ("landscape", "predictiveness", "beta_smoothness"), FM.fig_landscape,
+                  "Santurkar et al. 2018, Figure 4 — at every measured step, along the step's gradient g on its "
+                  "batch: (a) the loss landscape, band from the mean over seeds of the smallest to the mean of the "
+                  "largest L(θ − ηg) over the measure_steps grid of η; (b) gradient predictiveness, the same band "
+                  "of ‖∇L(θ) − ∇L(θ − ηg)‖₂; (c) β-smoothness, the mean over seeds of the largest "
+                  "‖∇L(θ) − ∇L(θ − ηg)‖₂ / ‖ηg‖₂"),
+    "ics": (8, "ics", (), ("ics",), FM.fig_ics,
+            "internal covariate shift per weight layer (Santurkar et al. 2018, section 2.2): ℓ2 distance and cosine "
+            "between a layer's gradient G and G′, the same gradient after the layers before it took their step "
+            "(mean over seeds)"),
+    "saturation": (9, "saturation", (), ("saturation",), FM.fig_saturation,
+                   "saturation per nonlinearity over training (mean over seeds): sigmoid / tanh the fraction of inputs "
+                   "in the saturated region and the mean derivative, ReLU the fraction of units dead on the whole "
+                   "probe batch and the mean fraction active"),
+    "effective_step": (10, "effective_step", ("optim.weight_decay",), ("weights",), FM.fig_effective_step,
+                       "effective step lr·‖∇W‖/‖W‖ of each scale-invariant weight (a weight followed by a norm "
+                       "layer) and its norm ‖W‖₂, per weight decay (line style), mean over seeds"),
+}
 
 
 @dataclass
 class FigureInfo:
-    kind: str          # loss | lr | batch | activations | generalization | ioffe
+    kind: str          # loss | lr | batch | activations | generalization | ioffe | MEASURE_FIGURES
     path: Path
     caption: str
     data: str = ""     # the context's data set
@@ -108,6 +138,22 @@ def ioffe_arms(ctx: pd.DataFrame, runs: pd.DataFrame, steps_per_epoch: dict) -> 
     return arms if len(arms) >= 2 else []
 
 
+def measured(ctxs: list[pd.DataFrame], means: pd.DataFrame, kind: str) -> list[tuple[pd.DataFrame, list]]:
+    """(context, its groups with data for `kind`) for each context where a group has some; the
+    effective-step figure needs the statistic itself (a no-BN run has no scale-invariant weight)."""
+    _, _, _, instruments, _, _ = MEASURE_FIGURES[kind]
+    sel = means[means["instrument"].isin(instruments)]
+    if kind == "effective_step":
+        sel = sel[sel["statistic"] == "effective_step"]
+    have = set(sel["group"])
+    out = []
+    for ctx in ctxs:
+        shown = [g for _, g in ctx.iterrows() if g["group"] in have]
+        if shown:
+            out.append((ctx, shown))
+    return out
+
+
 def _workers(n_jobs: int) -> int:
     """Processes for drawing: BNEXP_REPORT_JOBS, else up to 2 (figures are independent and
     matplotlib is single-threaded); 1 where fork is unavailable (the workers inherit the data)."""
@@ -132,10 +178,11 @@ def run_jobs(jobs: list[tuple[Callable, tuple]]) -> list:
 
 def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame, steps: pd.DataFrame,
              keys: list[str], other: list[str], num_classes: dict, out_dir: Path,
-             prefer: set[str]) -> tuple[list[FigureInfo], dict[str, int]]:
+             prefer: set[str], measures: pd.DataFrame | None = None) -> tuple[list[FigureInfo], dict[str, int]]:
     """Every figure the runs allow (capped per kind, best contexts first) and the count left out."""
     agg = runs_tab[runs_tab["group"] != ""]
     run_group = agg.set_index("run_id")["group"]
+    means = M.seed_means(M.empty() if measures is None else measures, run_group)
     steps_b, spe = binned_steps(steps, run_group)
     ep = epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc"))
     jobs: list[tuple[str, str, Callable, tuple]] = []      # (kind, caption, function, arguments)
@@ -217,6 +264,20 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
 
     with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
     add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)
+
+    def measure(kind: str):
+        number, name, drop, _, draw, text = MEASURE_FIGURES[kind]
+
+        def make(i, pair):
+            ctx, shown = pair
+            title = context_label(ctx.iloc[0], drop, [k for k in other if k not in drop])
+            return (f"Figure {number}.{i}: {text}; against the training step (measure_every); {title}.", draw,
+                    (pd.DataFrame(shown), means, f"{TITLES[kind]}: {title}",
+                     out_dir / fig_name(f"fig{number}_{name}_{i}", ctx.iloc[0], title)))
+        return make
+
+    for kind, (_, _, drop, _, _, _) in MEASURE_FIGURES.items() if len(means) else ():
+        add(kind, measured(contexts(groups, keys, drop, prefer), means, kind), measure(kind))
     paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
     figs = [FigureInfo(kind, p, caption, data, g)
             for (kind, caption, _, _), p, data, g in zip(jobs, paths, data_of, groups_of) if p]

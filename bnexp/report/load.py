@@ -2,8 +2,9 @@
 
 A run directory that cannot be read (no or malformed config.yaml / run.json, unknown status)
 is skipped with one warning line that says what is wrong; a readable run whose metrics.csv or
-steps.csv is missing or malformed, or whose activations.npz is damaged, is kept (its final numbers
-come from run.json) with a warning.
+steps.csv is missing or malformed, whose activations.npz is damaged, or whose measures.csv is
+damaged (or missing although its config asked for instruments; report/measures.py), is kept (its
+final numbers come from run.json) with a warning.
 
 A run whose run.json says `running` but whose lock no process holds is read as `interrupted`:
 its process was killed or crashed before it could record that (locks.py). Derived here, at read
@@ -23,17 +24,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bnexp import measures_format as MF
 from bnexp.errors import BnexpError
 from bnexp.locks import RunLock
+from bnexp.report import measures as M
 
 STATUSES = ("running", "interrupted", "completed", "diverged", "failed")
 AGGREGATED = ("completed", "diverged")          # running / interrupted / failed runs are listed, not aggregated
 FINAL_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 STEPS_COLUMNS = ("step", "epoch", "loss")
-# Config keys that say where or how a run ran, not what was trained: ignored when grouping.
+# Config keys that say where or how a run ran, or how it was observed, not what was trained: ignored when
+# grouping. The instruments' keys are among them: measuring does not change the trajectory (issue 15), so a
+# BN run and a no-BN run with instruments on are compared with each other and with runs without them.
 NOT_DEFINING = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every", "data.verify",
-                "channels_last", "cuda_graphs", "threads", "norm.backend")
+                "channels_last", "cuda_graphs", "threads", "norm.backend", *MF.CONFIG_KEYS)
 CREATE_HINT = "create runs with `bnexp train` or `bnexp sweep` (e.g. `bnexp sweep --preset lr_sensitivity`)"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -48,12 +53,14 @@ class Runs:
     config_keys: list[str]               # flattened (dotted) config columns of `runs`
     warnings: list[str] = field(default_factory=list)
     n_dirs: int = 0                      # run directories seen (readable or not)
+    measures: pd.DataFrame = field(default_factory=M.empty)   # run_id + measures.csv columns
 
     def subset(self, mask: pd.Series) -> "Runs":
         runs = self.runs[mask.to_numpy()].reset_index(drop=True)
         ids = set(runs["run_id"])
         return Runs(runs, self.epochs[self.epochs["run_id"].isin(ids)],
-                    self.steps[self.steps["run_id"].isin(ids)], self.config_keys, self.warnings, self.n_dirs)
+                    self.steps[self.steps["run_id"].isin(ids)], self.config_keys, self.warnings, self.n_dirs,
+                    self.measures[self.measures["run_id"].isin(ids)])
 
 
 # ---------------------------------------------------------------- reading one run
@@ -252,6 +259,8 @@ def load_runs(results_dir: Path) -> Runs:
     ok = [Path(p) for p in df["dir"]]
     epochs, m_problems = read_tables(ok, "metrics.csv", METRICS_COLUMNS)
     steps, s_problems = read_tables(ok, "steps.csv", STEPS_COLUMNS)
+    asked = dict(zip(df["run_id"], df["measure"].map(M.asks_for_measures))) if "measure" in df else {}
+    measures, x_problems = M.read_measures(ok, asked)
     df = _complete_finals(df, epochs)
     df["has_metrics"] = ~df["run_id"].isin(m_problems)
     df["has_steps"] = ~df["run_id"].isin(s_problems)
@@ -266,7 +275,8 @@ def load_runs(results_dir: Path) -> Runs:
     partial = []
     for run_id, status, d in zip(df["run_id"], df["status"], df["dir"]):
         notes = [f"{m_problems[run_id]}; epoch curves omitted" if run_id in m_problems else "",
-                 f"{s_problems[run_id]}; step curve omitted" if run_id in s_problems else ""]
+                 f"{s_problems[run_id]}; step curve omitted" if run_id in s_problems else "",
+                 f"{x_problems[run_id]}; measure figures omitted" if run_id in x_problems else ""]
         # a missing file is expected while a run is running or after it failed
         notes = [n for n in notes if n and (status in AGGREGATED or not n.startswith("no "))]
         if run_id in a_problems:  # damaged, not just absent: worth a line whatever the status
@@ -278,7 +288,7 @@ def load_runs(results_dir: Path) -> Runs:
     keep = set(df["run_id"])
     return Runs(df, epochs[epochs["run_id"].isin(keep)].reset_index(drop=True),
                 steps[steps["run_id"].isin(keep)].reset_index(drop=True), config_keys,
-                skipped + partial, len(dirs))
+                skipped + partial, len(dirs), measures[measures["run_id"].isin(keep)].reset_index(drop=True))
 
 
 def _complete_finals(df: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
