@@ -22,7 +22,7 @@ from bnexp.report import aggregate as agg
 from bnexp.report import render as R
 from bnexp.report.compare import compare, dead_text, verdict_counts
 from bnexp.report.figure_plan import FigureInfo, draw_all
-from bnexp.report.load import FINAL_METRICS, STATUSES, Runs, apply_where, load_runs
+from bnexp.report.load import FINAL_METRICS, STATUSES, Runs, apply_where, load_runs, parse_scalar
 from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, reference_blocks,
                                  split_display)
 
@@ -147,7 +147,8 @@ def _preset_arms(name: str) -> list[dict[str, set[str]]]:
         p = load_preset(name)
     except BnexpError:
         return []
-    return [{IDENTIFYING[k]: {v.strip() for v in str(val).split(",")}
+    # each value as the report prints a config value (5e-4 -> 0.0005), so that it compares with the runs'
+    return [{IDENTIFYING[k]: {agg.fmt_value(parse_scalar(v)) for v in str(val).split(",")}
              for k, val in {**p.params, **arm}.items() if k in IDENTIFYING} for arm in p.arms]
 
 
