@@ -1,9 +1,10 @@
 """`bnexp report`: results on disk -> pandas -> tables, figures and report.md / report.html.
 
-Modules, in data-flow order: load (run directories -> DataFrames, --where), aggregate (outcomes,
-seed groups, BN vs no-BN pairs), compare (reference numbers), figures (drawing), figure_plan
-(which figures, drawn in parallel), render (Markdown / HTML), build (write_report, the whole
-pipeline). fabricate writes fake run directories for tests and the benchmark.
+Modules, in data-flow order: load (run directories -> DataFrames, --where), measures (measures.csv
+and its seed means), aggregate (outcomes, seed groups, BN vs no-BN pairs), compare (reference
+numbers), figures and fig_measures (drawing), figure_plan (which figures, drawn in parallel), render
+(Markdown / HTML), build (write_report, the whole pipeline). fabricate writes fake run directories
+for tests and the benchmark.
 """
 from bnexp.report.build import ReportResult, write_report
 

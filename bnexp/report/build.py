@@ -40,7 +40,7 @@ EXPERIMENTS = (
     ("ioffe_fig1", "BN converges faster and stabilises sigmoid inputs (Ioffe & Szegedy's MNIST Figure 1)", ("ioffe",)),
     ("small_batch_norms", "BN degrades at small batches, GN and BRN do not (one line per norm kind)", ("batch",)),
     ("noisy_bn", "Noisy BN (unstable layer inputs) trains about as well as BN", ("loss",)),
-    ("saturation", "BN pulls sigmoid inputs out of saturation", ("activations",)),
+    ("saturation", "BN pulls sigmoid inputs out of saturation", ("activations", "saturation")),
     ("norm_position", "BN before vs after the nonlinearity", ("loss",)),
     ("landscape", "BN smooths the loss landscape (Santurkar et al. 2018, Figure 4)", ("landscape",)),
     ("ics", "BN's benefit does not come from less internal covariate shift (Santurkar et al. 2018)", ("ics",)),

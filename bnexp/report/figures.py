@@ -2,7 +2,8 @@
 
 1 loss vs iteration, one panel per lr; 2 final loss / test accuracy vs lr; 3 the same vs batch
 size; 4 activation distributions against N(0,1); 5 train vs test accuracy per epoch; 6 Ioffe &
-Szegedy's Figure 1 (test accuracy vs step, percentiles of a last-hidden-layer sigmoid input).
+Szegedy's Figure 1 (test accuracy vs step, percentiles of a last-hidden-layer sigmoid input);
+7-10, the instruments' measures.csv, are drawn by fig_measures with the helpers here.
 Each function draws one *context* (run groups equal but for the BN arm and the swept key; see
 figure_plan). Colours are fixed per norm kind in every figure: BN blue, torch.nn BN light blue,
 no BN orange. Layout uses fixed margins: tight_layout would cost a second full draw.
