@@ -219,3 +219,11 @@ def test_measure_presets_run_and_report_end_to_end(synth_data_dir, tmp_path):
     result = write_report(tmp_path, tmp_path / "report", [], "md")
     drawn = {f.name.split("_")[0] for f in result.figures}
     assert {"fig7", "fig8", "fig10"} <= drawn and not result.warnings
+
+
+def test_arms_are_ordered_bn_kinds_first_then_by_weight_decay():
+    from bnexp.report.fig_measures import arms
+    ctx = pd.DataFrame({"group": ["G1", "G2", "G3", "G4"], "bn": ["off", "on", "on", "on"],
+                        "norm.kind": ["none", "noisy", "bn", "bn"], "optim.weight_decay": [0.0, 0.0, 0.0005, 0.0]})
+    assert [g["group"] for g in arms(ctx)] == ["G4", "G3", "G2", "G1"]
+    assert [F.style(g)["label"] for g in arms(ctx)] == ["BN", "BN", "noisy BN", "no BN"]
