@@ -40,6 +40,7 @@ class Setting:
     test: str
     over: str | None = None
     tolerance: float | None = None
+    figures: tuple[str, ...] = ()   # figure kinds of the report that show it
 
     @property
     def arm_keys(self) -> set[str]:
@@ -71,6 +72,7 @@ class SettingResult:
     verdict: str
     evidence: list[str] = field(default_factory=list)   # one line per context
     held: list[bool] = field(default_factory=list)
+    groups: set[str] = field(default_factory=set)        # the run groups of the evaluated contexts (figure links)
 
 
 @dataclass
@@ -113,7 +115,8 @@ def _claim(c: dict, known_sources: set[str] | None) -> Claim:
 
 def _setting(claim_id: str, s: dict) -> Setting:
     st = Setting(s["name"], s["preset"], dict(s.get("select") or {}), {k: dict(v) for k, v in s["arms"].items()},
-                 s["quantity"], s["test"], s.get("over"), None if s.get("tolerance") is None else float(s["tolerance"]))
+                 s["quantity"], s["test"], s.get("over"), None if s.get("tolerance") is None else float(s["tolerance"]),
+                 tuple(s.get("figures") or ()))
     where = f"claim {claim_id}, setting {st.name!r}"
     if st.test not in TESTS:
         raise ValueError(f"{where}: test {st.test!r} not in {TESTS}")
@@ -291,6 +294,8 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
         else:
             result.evidence.append(line)
             result.held.append(held)
+            if "group" in ctx:
+                result.groups |= set(ctx["group"]) - {""}
     if result.held:
         result.verdict = "supported" if all(result.held) else "not supported" if not any(result.held) else "mixed"
     else:
@@ -308,8 +313,8 @@ def _evaluate_context(st: Setting, ctx: pd.DataFrame, keys, skip, min_seeds: int
         per = {a: {} for a in arms}
         for (arm, lr), g in ctx.groupby(["_arm", st.over]):
             per[arm][float(lr)] = list(g["_q"])
-        if any(not any(len(o) >= min_seeds for o in per[a].values()) for a in arms):
-            return where + "not enough seeds", None
+        if any(sum(len(o) >= min_seeds for o in per[a].values()) < 2 for a in arms):
+            return where + f"fewer than 2 learning rates with {min_seeds} seeds in an arm", None
         top = {a: _largest_trained(per[a], min_seeds) for a in arms}
         text = "; ".join(f"{a} trains up to lr {_text(top[a]) if top[a] > -math.inf else 'none'} "
                          f"(of {', '.join(_text(x) for x in sorted(per[a]))})" for a in arms)
