@@ -19,6 +19,7 @@ import bnexp
 from bnexp.errors import BnexpError
 from bnexp.reference import ReferenceData, load_reference
 from bnexp.report import aggregate as agg
+from bnexp.report import claims as CL
 from bnexp.report import render as R
 from bnexp.report.compare import compare, dead_text, verdict_counts
 from bnexp.report.figure_plan import FigureInfo, draw_all
@@ -27,7 +28,7 @@ from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, refere
                                  split_display)
 
 FORMATS = ("md", "html", "both")
-CSV_NAMES = ("runs.csv", "groups.csv", "bn_vs_no_bn.csv", "reference.csv")
+CSV_NAMES = ("runs.csv", "groups.csv", "bn_vs_no_bn.csv", "reference.csv", "claims.csv")
 # (sweep preset, the claim it tests, figure kinds that show it); the 5-epoch one is a reference table only
 EXPERIMENTS = (
     ("convergence", "BN converges faster (loss vs iteration)", ("loss",)),
@@ -83,6 +84,8 @@ class Analysis:
     pairs: pd.DataFrame          # BN vs no-BN pairs
     ref_table: pd.DataFrame      # reference comparison
     by_status: dict[str, int]
+    ledger: CL.Ledger
+    claims: list[CL.ClaimResult]  # the claims ledger's verdicts
 
 
 def analyse(results_dir: Path, where: list[str]) -> Analysis:
@@ -92,9 +95,11 @@ def analyse(results_dir: Path, where: list[str]) -> Analysis:
     runs = apply_where(load_runs(results_dir), where)
     keys = agg.defining_keys(runs.config_keys)
     groups = agg.aggregate(runs, refdata.num_classes, dead)
-    return Analysis(runs, refdata, keys, groups, agg.with_outcomes(runs, groups, refdata.num_classes, dead),
-                    agg.varying_keys(groups, keys), agg.bn_pairs(groups, keys), compare(groups, refdata),
-                    runs.runs["status"].value_counts().to_dict())
+    runs_tab = agg.with_outcomes(runs, groups, refdata.num_classes, dead)
+    ledger = CL.load_claims(sources=refdata.sources)
+    return Analysis(runs, refdata, keys, groups, runs_tab, agg.varying_keys(groups, keys), agg.bn_pairs(groups, keys),
+                    compare(groups, refdata), runs.runs["status"].value_counts().to_dict(), ledger,
+                    CL.evaluate(ledger, runs_tab, keys))
 
 
 # ---------------------------------------------------------------- the report
@@ -117,7 +122,7 @@ IDENTIFYING = {"model": "model.name", "data": "data.name", "optim": "optim.name"
                "model.activation": "model.activation", "model.norm_position": "model.norm_position",
                "optim.weight_decay": "optim.weight_decay"}
 # experiments with a second preset for the same claim
-ALSO = {"generalization": ("generalization_alexnet_cifar",)}
+ALSO = {"generalization": ("generalization_alexnet_cifar", "generalization_fashion")}
 WHY_NO_FIGURE = {
     "loss": "not drawn (limit per kind: choose with `--where`)",
     "lr": "needs 2 or more learning rates in one context",
@@ -231,6 +236,7 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
     links = {r: run_link(r, d, out_dir) for r, d in zip(runs_tab["run_id"], runs_tab["dir"])}
     keys, other = a.keys, a.other
     b: list[R.Block] = _header(results_dir, runs, a.by_status, len(groups), where)
+    b += _ledger_blocks(a, figs)
     main = {k for k, _ in agg.MAIN_KEYS} | {"bn"}
     counts = verdict_counts(ref_table)
     b += [R.Heading("Summary"), R.Bullets([
@@ -279,6 +285,30 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
     return b
 
 
+def _ledger_blocks(a: Analysis, figs: list[FigureInfo]) -> list[R.Block]:
+    """The claims ledger: one row per setting of each claim, the claim's verdict on its first row."""
+    rows = []
+    for r in a.claims:
+        for i, s in enumerate(r.settings):
+            shown = [f for f in figs if f.kind in s.setting.figures and s.groups & set(f.groups)]
+            rows.append({
+                "claim": f"**{r.claim.statement}** ({r.verdict})" if i == 0 else "",
+                "sources": ", ".join(r.claim.sources) if i == 0 else "",
+                "setting": f"{s.setting.name} (`{s.setting.quantity}`, {s.setting.test})",
+                "evidence": "; ".join(s.evidence) if s.verdict != "not run" else
+                            f"not run: `{s.setting.command(a.ledger.min_seeds)}`",
+                "verdict": s.verdict,
+                "figure": ", ".join(f"[Figure {f.number}]({f.path.name})" for f in shown)})
+    counts = {v: sum(r.verdict == v for r in a.claims) for v in CL.VERDICTS}
+    quick = a.runs_tab["train_size"].notna().any() if "train_size" in a.runs_tab else False
+    text = [f"{len(a.claims)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + "."]
+    if quick:
+        text.append("Some runs use train_size (reduced, e.g. `--preset claims_quick`): their contexts are quick "
+                    "evidence, shown with their train_size, and never compared with published values.")
+    return [R.Heading("Claims ledger"), R.Text(" ".join(text)), R.Table(pd.DataFrame(rows), "claims.csv"),
+            R.Bullets(CL.rule_text(a.ledger))]
+
+
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     """runs.csv, groups.csv, bn_vs_no_bn.csv, reference.csv: the raw numbers behind the tables."""
     paths = [out_dir / n for n in CSV_NAMES]
@@ -288,6 +318,7 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     a.groups.drop(columns="group_key").to_csv(paths[1], index=False)
     a.pairs.to_csv(paths[2], index=False)
     a.ref_table.to_csv(paths[3], index=False)
+    CL.table(a.claims, a.ledger.min_seeds).to_csv(paths[4], index=False)
     return paths
 
 
@@ -376,6 +407,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None, where: list[str
     summary = "\n".join([
         f"{len(runs.runs)} runs ({', '.join(f'{v} {k}' for k, v in a.by_status.items())}), {len(a.groups)} groups, "
         f"{len(figs)} figures, {len(runs.warnings)} directories skipped or partial",
+        "claims: " + ", ".join(f"{n} {v}" for v in CL.VERDICTS if (n := sum(r.verdict == v for r in a.claims))),
         "reference: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
         *(f"wrote {p}" for p in reports)])
     return ReportResult(out_dir, reports, tables, [f.path for f in figs], len(runs.runs), a.by_status,
