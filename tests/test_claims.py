@@ -16,7 +16,7 @@ LENET_001 = {"lr": 0.01, "epochs": 20}
 
 def _ledger_results(root):
     a = analyse(root, [])
-    return {r.claim.id: r for r in evaluate(load_claims(), a.runs_tab, a.keys)}
+    return {r.claim.id: r for r in evaluate(load_claims(), a.runs_tab, a.keys, a.runs.measures)}
 
 
 def _arm(root, losses, **keys):

@@ -99,7 +99,7 @@ def analyse(results_dir: Path, where: list[str]) -> Analysis:
     ledger = CL.load_claims(sources=refdata.sources)
     return Analysis(runs, refdata, keys, groups, runs_tab, agg.varying_keys(groups, keys), agg.bn_pairs(groups, keys),
                     compare(groups, refdata), runs.runs["status"].value_counts().to_dict(), ledger,
-                    CL.evaluate(ledger, runs_tab, keys))
+                    CL.evaluate(ledger, runs_tab, keys, runs.measures))
 
 
 # ---------------------------------------------------------------- the report

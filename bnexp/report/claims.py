@@ -11,14 +11,17 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from bnexp.errors import BnexpError
+from bnexp.report.figure_plan import MEASURE_FIGURES
 from bnexp.report.load import AGGREGATED, matches
+
+MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
 
 VERDICTS = ("supported", "not supported", "mixed", "not run")
 TESTS = ("lower", "higher", "close", "at_least", "not_trained", "trains_higher_lr", "smaller_drop")
@@ -26,7 +29,8 @@ ONE_ARM = ("not_trained",)
 OVER = {"trains_higher_lr": "lr", "smaller_drop": "batch_size"}   # tests that compare across a key
 NEEDS_TOLERANCE = ("close", "at_least", "smaller_drop")
 RUN_QUANTITIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss", "gap", "outcome", "drift")
-MEASURE_FILE = "measures.csv"
+# The report's figure kinds (figure_plan.FigureInfo.kind) a setting may link to.
+FIGURE_KINDS = ("loss", "lr", "batch", "activations", "generalization", "ioffe", *MEASURE_FIGURE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ def _setting(claim_id: str, s: dict) -> Setting:
     if st.quantity not in RUN_QUANTITIES and "." not in st.quantity:
         raise ValueError(f"{where}: quantity {st.quantity!r} is neither a run quantity {RUN_QUANTITIES} "
                          "nor <instrument>.<statistic>")
+    if bad := [k for k in st.figures if k not in FIGURE_KINDS]:
+        raise ValueError(f"{where}: figure kind {bad[0]!r} not in {FIGURE_KINDS}")
     if (st.quantity == "outcome") != (st.test in ("not_trained", "trains_higher_lr")):
         raise ValueError(f"{where}: outcome is the quantity of not_trained / trains_higher_lr, and only of them")
     return st
@@ -160,39 +166,40 @@ def _drift(run_dir: Path) -> float:
     return float(np.mean(drifts)) if drifts else math.nan
 
 
-def _measure(run_dir: Path, quantity: str) -> float:
-    """<instrument>.<statistic>: the mean over measured steps (and layers) of measures.csv's values;
-    landscape.range: the mean over steps of max - min (the band's width in Santurkar's Fig. 4a)."""
+def _measure(rows: pd.DataFrame, quantity: str) -> float:
+    """<instrument>.<statistic>: the mean over measured steps (and layers) of one run's measures.csv
+    rows (`rows`, as bnexp.report.measures reads them); landscape.range: the mean over steps of
+    max - min (the band's width in Santurkar's Fig. 4a). NaN when the run has no such rows."""
     instrument, statistic = quantity.split(".", 1)
-    try:
-        df = pd.read_csv(run_dir / MEASURE_FILE)
-        df = df[df["instrument"] == instrument]
-    except (OSError, ValueError, KeyError, pd.errors.ParserError):
-        return math.nan
+    df = rows[rows["instrument"] == instrument]
     if statistic == "range":
         wide = df.pivot_table(index="step", columns="statistic", values="value", aggfunc="mean")
         if not {"min", "max"} <= set(wide.columns):
             return math.nan
         return float((wide["max"] - wide["min"]).mean())
-    values = pd.to_numeric(df.loc[df["statistic"] == statistic, "value"], errors="coerce")
+    values = df.loc[df["statistic"] == statistic, "value"].astype(float)
+    values = values[np.isfinite(values)]
     return float(values.mean()) if len(values) else math.nan
 
 
-def quantity_values(runs: pd.DataFrame, quantity: str) -> pd.Series:
+def quantity_values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | None = None) -> pd.Series:
     """The quantity for every run of `runs` (a runs table with status, outcome and dir columns).
     A diverged run has no final value of anything: NaN, which the tests count as its arm's worst."""
     if quantity == "outcome":
         return runs["outcome"]
-    return _values(runs, quantity).where(runs["status"] != "diverged")
+    return _values(runs, quantity, measures).where(runs["status"] != "diverged")
 
 
-def _values(runs: pd.DataFrame, quantity: str) -> pd.Series:
+def _values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | None) -> pd.Series:
     if quantity == "gap":
         return runs["train_acc"].astype(float) - runs["test_acc"].astype(float)
     if quantity in runs.columns and quantity != "drift":
         return runs[quantity].astype(float)
-    reader: Callable[[Path], float] = _drift if quantity == "drift" else (lambda d: _measure(d, quantity))
-    return pd.Series([reader(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
+    if quantity == "drift":
+        return pd.Series([_drift(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
+    by_run = {} if measures is None or measures.empty else dict(tuple(measures.groupby("run_id", observed=True)))
+    empty = pd.DataFrame(columns=["instrument", "statistic", "step", "value"])
+    return pd.Series([_measure(by_run.get(r, empty), quantity) for r in runs["run_id"]], index=runs.index, dtype=float)
 
 
 # ---------------------------------------------------------------- the tests
@@ -265,8 +272,8 @@ def _label(ctx: pd.DataFrame, keys: list[str], skip: set[str]) -> str:
 
 
 def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds: int,
-                     separation: float) -> SettingResult:
-    """`runs`: the report's runs table (outcome, dir and config columns)."""
+                     separation: float, measures: pd.DataFrame | None = None) -> SettingResult:
+    """`runs`: the report's runs table (outcome, dir and config columns); `measures`: Runs.measures."""
     sel = runs[runs["status"].isin(AGGREGATED)]
     for k, wanted in st.select.items():
         sel = sel[matches(sel[k], wanted)] if k in sel else sel.iloc[0:0]
@@ -279,7 +286,7 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     sel = sel[arm_of != ""].assign(_arm=arm_of[arm_of != ""])
     if sel.empty:
         return SettingResult(st, "not run", [f"no runs; run `{st.command(min_seeds)}`"])
-    sel = sel.assign(_q=quantity_values(sel, st.quantity))
+    sel = sel.assign(_q=quantity_values(sel, st.quantity, measures))
     skip = st.arm_keys | {"seed"} | ({st.over} if st.over else set())
     skip |= {k for k in keys if k.startswith("norm.")} if "norm.kind" in st.arm_keys else set()
     if "norm.kind" in st.arm_keys:
@@ -347,10 +354,12 @@ def _evaluate_context(st: Setting, ctx: pd.DataFrame, keys, skip, min_seeds: int
     return where + text, _pairwise(st, vals, separation)
 
 
-def evaluate(ledger: Ledger, runs: pd.DataFrame, keys: list[str]) -> list[ClaimResult]:
+def evaluate(ledger: Ledger, runs: pd.DataFrame, keys: list[str], measures: pd.DataFrame | None = None
+             ) -> list[ClaimResult]:
     out = []
     for claim in ledger.claims:
-        results = [evaluate_setting(s, runs, keys, ledger.min_seeds, ledger.separation) for s in claim.settings]
+        results = [evaluate_setting(s, runs, keys, ledger.min_seeds, ledger.separation, measures)
+                   for s in claim.settings]
         done = {r.verdict for r in results if r.verdict != "not run"}
         verdict = "not run" if not done else done.pop() if len(done) == 1 else "mixed"
         out.append(ClaimResult(claim, verdict, results))
