@@ -51,6 +51,9 @@ def aggregate(runs: Runs, num_classes: dict[str, int], dead: dict[str, float]) -
     """One row per group: config, group id (G1..), n_runs, seeds, outcomes, mean/std/n per metric."""
     df = runs.runs.assign(outcome=classify(runs.runs, num_classes, dead))
     df = df[df["status"].isin(AGGREGATED)]
+    # Runs of one group that share a seed differ only in how they ran or were observed (device, threads,
+    # instruments): one experiment, counted once (the first by run id), so n and std count seeds.
+    df = df.sort_values("run_id", kind="stable").drop_duplicates(["group_key", "seed"]) if "seed" in df else df
     keys = defining_keys(runs.config_keys)
     if df.empty:
         return pd.DataFrame(columns=["group", "group_key", *keys, "n_runs", "outcome"])

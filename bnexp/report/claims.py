@@ -292,6 +292,10 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     if "norm.kind" in st.arm_keys:
         skip |= {"bn", "model.dropout"}   # the BN arm brings its own dropout rule and bn shortcut
     ctx_key = sel.apply(lambda r: _context(r, keys, skip), axis=1)
+    # one run per (context, arm, swept value, seed): a seed measured twice (another device, instruments) is one seed
+    sel = sel.assign(_ctx=ctx_key).sort_values("run_id", kind="stable")
+    sel = sel.drop_duplicates(["_ctx", "_arm", "seed", *([st.over] if st.over else []), *sorted(st.arm_keys & set(sel))])
+    ctx_key = sel["_ctx"]
     result = SettingResult(st, "not run")
     short = []
     for _, ctx in sel.groupby(ctx_key, sort=False):
