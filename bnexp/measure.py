@@ -270,10 +270,10 @@ class Measurer:
             shifted = {n: (new[n] if n in earlier else theta[n]) for n in self.param_names}
             name = f"{layer}.weight"
             _, (g_shift,) = self._grad(shifted, x, y, rng, wrt=[name])
-            a, b = g[name].float(), g_shift.float()
+            a, b = g[name].double(), g_shift.double()  # float64: cos of equal gradients is 1 to 1e-15
             norms = a.norm() * b.norm()
             out[("ics", layer, "l2")] = (a - b).norm()
-            cos = ((a * b).sum() / norms).clamp(-1.0, 1.0)  # float32 rounding can land just past 1
+            cos = ((a * b).sum() / norms).clamp(-1.0, 1.0)  # rounding can land just past 1
             out[("ics", layer, "cos")] = torch.where(norms > 0, cos, torch.full_like(norms, math.nan))
         return out
 
