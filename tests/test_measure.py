@@ -359,3 +359,20 @@ def test_kill_9_and_rerun_resumes_to_identical_files(synth_data_dir, tmp_path):
     resumed = bnexp(tmp_path / "killed")
     assert _record(resumed) == _record(whole)
     assert (resumed / "measures.csv").read_text() == (whole / "measures.csv").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra", [["norm=noisy", "optim=adam", "lr=0.01"], ["norm=bn", "precision=bf16"]])
+def test_on_cuda_with_graphs_the_instruments_change_nothing(synth_data_dir, tmp_path, extra):
+    """The measurements run between graph replays: the captured step's static tensors are never touched."""
+    def go(name, *more):
+        return T.run(_args(synth_data_dir, tmp_path / name, *extra, "device=cuda", "cuda_graphs=on", *more))
+
+    off, again = go("off"), go("again")
+    if _record(off.path) != _record(again.path):
+        pytest.skip("this GPU's kernels are not run-to-run deterministic: nothing to compare against")
+    on = go("on", "measure=all", "measure_every=3")
+    assert _record(off.path) == _record(on.path)
+    rows = list(csv.DictReader(open(on.path / "measures.csv")))
+    assert {r["instrument"] for r in rows} == set(M.INSTRUMENTS)
