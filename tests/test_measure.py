@@ -335,6 +335,30 @@ def test_measurements_reach_run_json_and_tensorboard(synth_data_dir, tmp_path):
     assert not (off.path / "measures.csv").exists()
 
 
+def test_a_crash_leaves_the_measurements_of_the_checkpointed_epochs(synth_data_dir, tmp_path, monkeypatch):
+    real = T._epoch_evaluation
+
+    def crash_in_epoch_2(s, cfg, state, step):
+        if state["epoch"] == 1:  # epoch 2 trained (and measured), not yet checkpointed
+            raise RuntimeError("simulated crash")
+        return real(s, cfg, state, step)
+
+    monkeypatch.setattr(T, "_epoch_evaluation", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        T.run(_args(synth_data_dir, tmp_path, "measure=[weights]", "measure_every=3"))
+    [run] = (tmp_path / "runs").iterdir()
+    steps = {int(r["step"]) for r in csv.DictReader(open(run / "measures.csv"))}
+    assert steps == {0, 3}  # epoch 1 is steps 1-4: its measurements are at 0 and 3, epoch 2's (6) are gone
+
+
+def test_a_diverging_run_records_its_measurements_up_to_the_divergence(synth_data_dir, tmp_path):
+    r = T.run(_args(synth_data_dir, tmp_path, "bn=off", "lr=1e4", "measure=all", "measure_every=1"))
+    assert r.status == "diverged"
+    last = r.extra["diverged_at"]["step"]
+    steps = sorted({int(x["step"]) for x in csv.DictReader(open(r.path / "measures.csv"))})
+    assert steps == list(range(0, last + 1))  # the step with the first non-finite loss is measured too, none after
+
+
 def test_kill_9_and_rerun_resumes_to_identical_files(synth_data_dir, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -355,7 +379,8 @@ def test_kill_9_and_rerun_resumes_to_identical_files(synth_data_dir, tmp_path):
 
     whole = bnexp(tmp_path / "whole")
     killed = bnexp(tmp_path / "killed", die=1)
-    assert (killed / "measures.csv").read_text() != (whole / "measures.csv").read_text()  # epoch 1 only
+    # killed right after epoch 1's checkpoint, before its files: epoch 1's rows live in the checkpoint only
+    assert not (killed / "measures.csv").exists()
     resumed = bnexp(tmp_path / "killed")
     assert _record(resumed) == _record(whole)
     assert (resumed / "measures.csv").read_text() == (whole / "measures.csv").read_text()
