@@ -22,10 +22,12 @@ step's mean cross-entropy, under the run's precision and memory format).
                    effective step lr * ||grad_W L|| / ||W||
 
 The grid is `measure_steps`, multiples of the run's effective lr: eta = m * lr. Default [0.5, 1, 2, 4]:
-the step training takes (m = 1), half of it, and two and four times it, spaced by factors of 2
-so that one band covers the learning rates on both sides of the run's own (Santurkar et al.'s
-Fig. 4 asks what one step of a *larger* learning rate would do). Four points cost four
-forward-backward passes per measurement; see README, "Instruments".
+the step training takes (m = 1), half of it, and two and four times it. Santurkar et al. move
+along g by a range of step sizes; spacing them by factors of 2 around the run's own step makes
+one band cover the learning rates on both sides of it, up to the 4x larger ones BN is said to
+allow. Multiples of lr rather than absolute sizes keep the band comparable between runs of
+different lr. Four points cost four forward-backward passes per measurement (README, "What the
+instruments cost").
 
 Saturated region: sigmoid |z| > 4, tanh |z| > 2. There the derivative is below 7.1% of its
 maximum (sigmoid'(4) = 0.0177 of 0.25, tanh'(2) = 0.0707 of 1; the two thresholds are the same
