@@ -230,8 +230,8 @@ def validate(raw: dict) -> dict:
         if flat[key] > limit:
             raise BnexpError(f"{key}={_text(flat[key])} is above the limit of {_text(limit)} ({why}); "
                              f"use a smaller {key}")
-    # `bn` is a shortcut for `norm`: off means no normalisation; on requires a BN kind.
     _check_measure(flat["measure"])
+    # `bn` is a shortcut for `norm`: off means no normalisation; on requires a BN kind.
     if flat["bn"] == "off":
         flat["norm.kind"] = "none"
     elif flat["bn"] == "on" and flat["norm.kind"] == "none":

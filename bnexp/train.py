@@ -320,7 +320,7 @@ def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
     return on_step
 
 
-def _measure(s: Setup, cfg, state: dict, step: int, order: torch.Tensor, k: int, tb) -> None:
+def measure_at(s: Setup, state: dict, step: int, order: torch.Tensor, k: int, tb) -> None:
     """Record the instruments at `step` on the batch that step + 1 trains on: batch k (0-based) of `order`."""
     t = time.perf_counter()
     start = sum(s.program.batch_sizes[:k])
@@ -346,9 +346,9 @@ def measure_hook(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
         if step % cfg.measure_every:
             return
         if k < s.program.steps:
-            _measure(s, cfg, state, step, order, k, tb)
+            measure_at(s, state, step, order, k, tb)
         elif epoch < cfg.epochs:
-            _measure(s, cfg, state, step, epoch_order(cfg, len(s.train), epoch + 1), 0, tb)
+            measure_at(s, state, step, epoch_order(cfg, len(s.train), epoch + 1), 0, tb)
     return on_step
 
 
@@ -530,9 +530,10 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
         if resumed == 0:
             _probe(s, state, probe_x, 0, 0, samples, tb)
             if s.meter is not None:
-                _measure(s, cfg, state, 0, epoch_order(cfg, len(s.train), 1), 0, tb)
+                measure_at(s, state, 0, epoch_order(cfg, len(s.train), 1), 0, tb)
         for epoch in range(resumed + 1, cfg.epochs + 1):
-            on_step = _both(_mid_epoch_evals(s, cfg, state, epoch, step0, tb), measure_hook(s, cfg, state, epoch, step0, tb))
+            on_step = _both(_mid_epoch_evals(s, cfg, state, epoch, step0, tb),
+                            measure_hook(s, cfg, state, epoch, step0, tb))
             ep = train_epoch(s, cfg, epoch, bar, on_step)
             step_losses = ep["losses"].tolist()
             lr = s.optimizer.param_groups[0]["lr"]
@@ -543,7 +544,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             step0 += len(step_losses)
             if not all(math.isfinite(v) for v in step_losses):
                 state["diverged_at"] = {"epoch": epoch, "step": step0}
-                # steps a GPU ran past the first non-finite loss (it checks every 50) are not taken: nor their measurements
+                # a GPU checks every 50 steps: the steps it ran past the first non-finite loss, and their
+                # measurements, are not the run's
                 state["measures"] = [r for r in state["measures"] if r[0] <= step0]
                 status = "diverged"
                 break

@@ -2,7 +2,8 @@
 
   per instrument  one measurement of each instrument alone, and of all of them together (they share
                   the gradient at theta and the grid passes), on a training batch of the default
-                  LeNet5-BN run (FashionMNIST, batch 512), next to one training step of that run
+                  LeNet5-BN run (FashionMNIST, batch 512), in training steps of that run (the median
+                  epoch without instruments over its number of steps)
   per epoch       one training epoch of that run with every instrument at the default measure_every,
                   against the same epoch without instruments: the first epoch, which measures at step 0
                   as well (ceil(steps / measure_every) measurements; later epochs average
@@ -51,19 +52,18 @@ def run(device: str = "cpu", repeats: int = 3, instrument_repeats: int = 10, dat
               for name in measure.INSTRUMENTS}
     meters["all"] = s_on.meter
     fns = {name: (lambda m=m: m.measure(0, x, y)) for name, m in meters.items()}
-    fns["training step"] = lambda: _one_step(s_off)
     per = {name: _stats(v) for name, v in time_samples(fns, repeats=instrument_repeats, warmup=1).items()}
 
     # an epoch with every instrument (step 0 too, as a run's first epoch) against one without
     with tempfile.TemporaryDirectory() as tmp:
         tb = TensorBoardLog(Path(tmp), purge_step=None)
-        state = train._fresh_state()
+        state = {"measures": [], "measure_seconds": 0.0}  # what measure_at records into
 
         on_epochs, off_epochs = itertools.count(1), itertools.count(1)
 
         def with_instruments():
             epoch = next(on_epochs)
-            train._measure(s_on, cfg_on, state, 0, train.epoch_order(cfg_on, len(s_on.train), epoch), 0, tb)
+            train.measure_at(s_on, state, 0, train.epoch_order(cfg_on, len(s_on.train), epoch), 0, tb)
             train.train_epoch(s_on, cfg_on, epoch, on_step=train.measure_hook(s_on, cfg_on, state, epoch, 0, tb))
             tb.flush()
 
@@ -83,24 +83,20 @@ def run(device: str = "cpu", repeats: int = 3, instrument_repeats: int = 10, dat
         "per_measurement_seconds": per,
         "epoch_seconds": {k: _stats(v) for k, v in epochs.items()},
         "epoch_ratio": round(med["with instruments"] / med["without"], 3),
+        "step_seconds": round(med["without"] / steps, 5),
     }
 
 
-def _one_step(s: train.Setup) -> None:
-    """One eager training step of the run without instruments (what a measurement is compared with)."""
-    s.program.counter.zero_()
-    s.program._full_step()
-
-
 def format_table(r: dict) -> str:
-    step = r["per_measurement_seconds"]["training step"]["median"]
+    step = r["step_seconds"]
     lines = [f"measure benchmark: LeNet5-BN, {r['images']} images, batch {r['batch_size']}, {r['device_name']} "
              f"({r['device']}), {r['threads']} threads, torch {r['torch']}; grid {r['measure_steps']} x lr",
              f"one measurement (min / median / max of {r['instrument_repeats']}, interleaved):",
-             f"{'instrument':<18}{'min ms':>9}{'median ms':>11}{'max ms':>9}{'x step':>8}"]
+             f"{'instrument':<18}{'min ms':>9}{'median ms':>11}{'max ms':>9}{'steps':>7}  "
+             f"(median / one training step, {step * 1e3:.1f} ms)"]
     for name, st in r["per_measurement_seconds"].items():
         lines.append(f"{name:<18}{st['min'] * 1e3:>9.1f}{st['median'] * 1e3:>11.1f}{st['max'] * 1e3:>9.1f}"
-                     f"{st['median'] / step:>8.1f}")
+                     f"{st['median'] / step:>7.1f}")
     lines.append(f"one epoch ({r['steps_per_epoch']} steps; measure_every={r['measure_every']}: "
                  f"{r['measurements_per_epoch']} measurements, step 0 included; min / median / max of {r['repeats']}):")
     for name, st in r["epoch_seconds"].items():
