@@ -252,13 +252,14 @@ class BenchName(str, Enum):
     sweep = "sweep"
     report = "report"
     log = "log"
+    measure = "measure"
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
-                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log")
+                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure")
 def bench(
-    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging)."),
+    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; measure = the instruments' cost)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "

@@ -43,6 +43,12 @@ HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "lr_scale_batch": None, "
 BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
+# bnexp.measure.INSTRUMENTS, restated so that composing a config does not import torch (a test pins them equal).
+INSTRUMENTS = ("landscape", "predictiveness", "beta_smoothness", "ics", "saturation", "weights")
+# The instrument keys: left out of the run id while `measure` is [] (runs without instruments keep their ids);
+# with instruments on, all three are part of it (a run with instruments is another run directory).
+MEASURE_KEYS = ("measure", "measure_every", "measure_steps")
+
 # Upper limits on values that would otherwise fail mid-run or exhaust memory (README, "Bad input"),
 # checked after the type checks: key -> (largest value allowed, why).
 MAX_EPOCHS = 100_000
@@ -114,6 +120,11 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),
+    "measure": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                f"a list of instrument names ({', '.join(INSTRUMENTS)}), all, or []"),
+    "measure_every": (_positive_int, "a positive integer (steps between measurements)"),
+    "measure_steps": (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(m) and m > 0 for m in v),
+                      "a non-empty list of positive numbers (multiples of lr), e.g. [0.5,1,2,4]"),
 }
 FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay",
               "norm.r_max", "norm.d_max", "norm.noise")
@@ -154,6 +165,15 @@ def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
         flat["threads"] = int(threads)
     if isinstance(flat.get("norm.backend"), str):
         flat["norm.backend"] = flat["norm.backend"].strip().lower()
+    measure = flat.get("measure")
+    if isinstance(measure, str):  # `measure=all`, or one name without brackets
+        flat["measure"] = list(INSTRUMENTS) if measure.strip().lower() == "all" else [measure]
+    steps = flat.get("measure_steps")
+    if _number(steps):  # `measure_steps=0.5`: a grid of one step
+        flat["measure_steps"] = [steps]
+    if isinstance(flat.get("measure_steps"), list):
+        flat["measure_steps"] = [float(m) if isinstance(m, int) and not isinstance(m, bool) else m
+                                 for m in flat["measure_steps"]]
     if isinstance(flat.get("cuda_graphs"), bool):  # YAML reads on/off as booleans
         flat["cuda_graphs"] = "on" if flat["cuda_graphs"] else "off"
     for key in ("drop_last", "progress", "channels_last", "data.verify", "norm.biased_running_var"):
@@ -184,6 +204,16 @@ def _check_batch_statistics(flat: dict) -> None:
                              f"least 2 samples for batch statistics; use {key}=2 or more, or bn=off")
 
 
+def _check_measure(names: list[str]) -> None:
+    """Every name an instrument, none twice (the order is free: measures.csv follows INSTRUMENTS)."""
+    for name in names:
+        if name not in INSTRUMENTS:
+            raise BnexpError(f"measure: unknown instrument {name!r}; choose from {', '.join(INSTRUMENTS)}, "
+                             f"or measure=all")
+        if names.count(name) > 1:
+            raise BnexpError(f"measure: {name!r} is listed twice; list each instrument once")
+
+
 def validate(raw: dict) -> dict:
     """Check every key's type and range, reconcile `bn` with `norm`; return the resolved dict."""
     flat = _normalise_values(flatten(raw))
@@ -200,6 +230,7 @@ def validate(raw: dict) -> dict:
         if flat[key] > limit:
             raise BnexpError(f"{key}={_text(flat[key])} is above the limit of {_text(limit)} ({why}); "
                              f"use a smaller {key}")
+    _check_measure(flat["measure"])
     # `bn` is a shortcut for `norm`: off means no normalisation; on requires a BN kind.
     if flat["bn"] == "off":
         flat["norm.kind"] = "none"
@@ -234,7 +265,14 @@ def _doc_text(raw: str, comment: str) -> tuple[str, str]:
     if m:
         return m.group(2), f"(${m.group(1)} if set) {comment}"
     value = yaml.safe_load(raw) if raw else None
-    return ("null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)), comment
+    return override_text(value), comment
+
+
+def override_text(value) -> str:
+    """A value as an override spells it: null, true, 0.1, [0.5,1.0] (a list without spaces: one shell word)."""
+    if isinstance(value, list):
+        return "[" + ",".join(override_text(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def key_docs() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
@@ -404,6 +442,9 @@ def identity(cfg: DictConfig) -> dict:
         node, leaf = _parent(d, key)
         if leaf in node and node[leaf] == default:
             node.pop(leaf)
+    if not d.get("measure"):
+        for key in MEASURE_KEYS:
+            d.pop(key, None)
     # Only the keys the norm kind uses (bnexp.nn.kinds.KIND_KWARGS) can change the numbers: none has
     # no layers, GroupNorm no running statistics, and BN no groups (the same keys as before the family).
     kind = d["norm"]["kind"]
@@ -420,10 +461,12 @@ NON_HPARAM_KEYS = ("bn", "data.verify")
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The keys that define a run, flat, for TensorBoard's hparams table: the identity's keys
     (HASH_DEFAULTS ones at their default values too, so every run has the same columns) less
-    NON_HPARAM_KEYS. None becomes "None" (the plugin takes only bool, number and string)."""
+    NON_HPARAM_KEYS. None becomes "None" and a list its override text, "[ics,weights]" (the plugin
+    takes only bool, number and string)."""
     full = flatten(OmegaConf.to_container(cfg))
     keep = (set(flatten(identity(cfg))) | set(HASH_DEFAULTS)) - set(NON_HPARAM_KEYS)
-    return {k: ("None" if v is None else v) for k, v in full.items() if k in keep}
+    return {k: ("None" if v is None else override_text(v) if isinstance(v, list) else v)
+            for k, v in full.items() if k in keep}
 
 
 def run_label(cfg: DictConfig, run_id: str) -> str:

@@ -34,6 +34,7 @@ from .locks import RunLock, describe_process
 ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
+MEASURE_COLUMNS = ("step", "instrument", "layer", "statistic", "value")  # measures.csv (bnexp/measure.py)
 FINISHED = ("completed", "diverged")
 
 
@@ -197,6 +198,11 @@ class RunDir:
     def write_evals(self, rows: list[dict]) -> None:
         """evals.csv: one row per mid-epoch evaluation (eval_every), rewritten whole after every epoch."""
         atomic_write_text(self.path / "evals.csv", csv_text(EVAL_COLUMNS, ([r[c] for c in EVAL_COLUMNS] for r in rows)))
+
+    def write_measures(self, rows: list[tuple]) -> None:
+        """measures.csv: one row per (step, instrument, layer, statistic), in step order, rewritten whole
+        after every epoch; values as Python writes floats (repr: round-trips exactly, nan for undefined)."""
+        atomic_write_text(self.path / "measures.csv", csv_text(MEASURE_COLUMNS, rows))
 
     def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
         """steps.csv (step, epoch, loss), rewritten whole after every epoch. The lines of earlier

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as C
-from . import data, engine, execution, models, probes
+from . import data, engine, execution, measure, models, probes
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
@@ -89,6 +89,7 @@ class Setup:
     opts: engine.ExecOptions
     program: engine.StepProgram
     execution: dict  # execution.record(): the settings that can change the numbers (run.json, checkpoint)
+    meter: measure.Measurer | None = None  # the instruments of `measure`, None when it is []
 
     @property
     def threads(self) -> int:
@@ -172,7 +173,16 @@ def _prepare(cfg, device: torch.device, threads: int) -> Setup:
     optimizer = build_optimizer(cfg, model.parameters(), capturable=graphs)
     program = engine.StepProgram(model, optimizer, train, cfg.batch_size, cfg.drop_last, device, opts, graphs)
     record = execution.record(device, threads, bn_backend, opts, program.use_graphs)
-    return Setup(device, train, test, model, optimizer, opts, program, record)
+    meter = None
+    if cfg.measure:  # an instrument with nothing to measure on this model fails here, before training
+        meter = measure.Measurer(model, optimizer, tuple(cfg.measure), tuple(cfg.measure_steps), effective_lr(cfg),
+                                 opts, device, probe_input(model, test, opts), cfg.norm.kind)
+    return Setup(device, train, test, model, optimizer, opts, program, record, meter)
+
+
+def probe_input(model, test: data.Split, opts: engine.ExecOptions) -> torch.Tensor:
+    """The run's fixed probe batch: the first PROBE_BATCH test images (activation probes, saturation)."""
+    return engine.model_input(test.x[:PROBE_BATCH], model.input_size, opts.channels_last)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -182,11 +192,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def epoch_order(cfg, n: int, epoch: int) -> torch.Tensor:
+    """The sample order of `epoch` (data.batch_indices' order): it depends on (seed, epoch) only."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
 def train_epoch(s: Setup, cfg, epoch: int, bar=None, on_step=None) -> dict:
     """One pass over the training set; returns losses per step (tensor), mean loss/acc, seconds.
-    `on_step(k)` runs after the epoch's k-th step (the mid-epoch evaluations); its time is not counted."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
-    order = torch.randperm(len(s.train), generator=gen)  # data.batch_indices' order for this generator
+    `on_step(k)` runs after the epoch's k-th step (mid-epoch evaluations, measurements); its time is not counted."""
+    order = epoch_order(cfg, len(s.train), epoch)
     # Checking for a non-finite loss needs a host sync; on CPU that is free, on a GPU do it rarely.
     check_every = 1 if s.device.type == "cpu" else 50
     _sync(s.device)
@@ -266,13 +281,14 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
         "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
                     "eval": round(state["eval_seconds"], 3),
                     "probes": round(state["probe_seconds"], 3),
+                    **({"measures": round(state["measure_seconds"], 3)} if cfg.measure else {}),
                     "total": round(state["elapsed"], 3)},
     }
 
 
 def _fresh_state() -> dict:
     return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None,
-            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": []}
+            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": [], "measure_seconds": 0.0, "measures": []}
 
 
 def _epoch_evaluation(s: Setup, cfg, state: dict, step: int) -> tuple[float, float]:
@@ -302,6 +318,45 @@ def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
                                    "test_acc": round(test_acc, 6)})
             tb.scalars({"eval/test_loss": test_loss, "eval/test_acc": test_acc}, step)
     return on_step
+
+
+def measure_at(s: Setup, state: dict, step: int, order: torch.Tensor, k: int, tb) -> None:
+    """Record the instruments at `step` on the batch that step + 1 trains on: batch k (0-based) of `order`."""
+    t = time.perf_counter()
+    start = sum(s.program.batch_sizes[:k])
+    idx = order[start:start + s.program.batch_sizes[k]].to(s.device)
+    x = engine.model_input(s.train.x[idx], s.model.input_size, s.opts.channels_last)
+    rows = s.meter.measure(step, x, s.train.y[idx])
+    state["measures"] += rows
+    tb.scalars({f"measure/{inst}/{layer}/{stat}": value for _, inst, layer, stat, value in rows}, step)
+    state["measure_seconds"] += time.perf_counter() - t
+
+
+def measure_hook(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
+    """The `on_step` of an epoch with instruments on: a measurement after every step that is a
+    multiple of measure_every. After the epoch's last step the batch of step + 1 is the next epoch's
+    first, so that measurement belongs to this epoch (and its checkpoint); after the run's last step
+    there is no next batch and none is taken. Step 0 is measured before the first epoch (_train)."""
+    if s.meter is None:
+        return None
+    order = epoch_order(cfg, len(s.train), epoch)
+
+    def on_step(k):
+        step = step0 + k
+        if step % cfg.measure_every:
+            return
+        if k < s.program.steps:
+            measure_at(s, state, step, order, k, tb)
+        elif epoch < cfg.epochs:
+            measure_at(s, state, step, epoch_order(cfg, len(s.train), epoch + 1), 0, tb)
+    return on_step
+
+
+def _both(first, second):
+    """One `on_step` that runs two (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda k: (first(k), second(k))
 
 
 def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
@@ -421,7 +476,7 @@ def _as_of(state: dict, epochs: int) -> dict:
     """`state` cut back to its first `epochs` epochs: what the checkpoint on disk holds."""
     steps = state["steps_per_epoch"][:epochs]
     return {**state, "epoch": epochs, "metrics": state["metrics"][:epochs], "steps_per_epoch": steps,
-            "losses": state["losses"][:sum(steps)]}
+            "losses": state["losses"][:sum(steps)], "measures": [r for r in state["measures"] if r[0] <= sum(steps)]}
 
 
 def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Exception) -> None:
@@ -443,6 +498,7 @@ def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Ex
             pass
     writes = (lambda: rd.write_metrics(state["metrics"]),
               lambda: rd.write_steps(state["losses"], state["steps_per_epoch"]),
+              *((lambda: rd.write_measures(state["measures"]),) if cfg.measure else ()),
               lambda: rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
                                           ended=now_iso())))
     for write in writes:
@@ -465,7 +521,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     step0 = sum(state["steps_per_epoch"])
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
     tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
-    probe_x = engine.model_input(s.test.x[:PROBE_BATCH], s.model.input_size, s.opts.channels_last)
+    probe_x = probe_input(s.model, s.test, s.opts)
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
     bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
     t_start = time.perf_counter() - state["elapsed"]
@@ -473,8 +529,12 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     try:
         if resumed == 0:
             _probe(s, state, probe_x, 0, 0, samples, tb)
+            if s.meter is not None:
+                measure_at(s, state, 0, epoch_order(cfg, len(s.train), 1), 0, tb)
         for epoch in range(resumed + 1, cfg.epochs + 1):
-            ep = train_epoch(s, cfg, epoch, bar, _mid_epoch_evals(s, cfg, state, epoch, step0, tb))
+            on_step = _both(_mid_epoch_evals(s, cfg, state, epoch, step0, tb),
+                            measure_hook(s, cfg, state, epoch, step0, tb))
+            ep = train_epoch(s, cfg, epoch, bar, on_step)
             step_losses = ep["losses"].tolist()
             lr = s.optimizer.param_groups[0]["lr"]
             tb.step_scalars(step0 + 1, {"batch/loss": step_losses, "batch/acc": ep["step_acc"].tolist(),
@@ -484,6 +544,9 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             step0 += len(step_losses)
             if not all(math.isfinite(v) for v in step_losses):
                 state["diverged_at"] = {"epoch": epoch, "step": step0}
+                # a GPU checks every 50 steps: the steps it ran past the first non-finite loss, and their
+                # measurements, are not the run's
+                state["measures"] = [r for r in state["measures"] if r[0] <= step0]
                 status = "diverged"
                 break
             test_loss, test_acc = _epoch_evaluation(s, cfg, state, step0)
@@ -506,6 +569,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             rd.write_metrics(state["metrics"])
             if cfg.eval_every:
                 rd.write_evals(state["evals"])
+            if cfg.measure:
+                rd.write_measures(state["measures"])
             rd.write_steps(state["losses"], state["steps_per_epoch"])
             rd.write_info(_info(rd, cfg, s, "running", state, attempt))
         else:
@@ -527,6 +592,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     rd.write_metrics(state["metrics"])
     if cfg.eval_every:
         rd.write_evals(state["evals"])
+    if cfg.measure:
+        rd.write_measures(state["measures"])
     rd.write_steps(state["losses"], state["steps_per_epoch"])
     if samples:
         rd.write_activations(samples)

@@ -48,3 +48,23 @@ def test_log_benchmark_times_both_writers_through_the_cli(capsys, tmp_path):
         assert r["bnexp_ms"] > 0 and r["torch_ms"] > 0
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bnexp_ms"], rel=0.01)
     assert "SummaryWriter ms" in out and "step scalars" in out
+
+
+def test_measure_benchmark_times_each_instrument_and_an_epoch_with_them(synth_data_dir):
+    from bnexp.bench import measure as bench_measure
+    from bnexp.measure import INSTRUMENTS
+
+    with bnF.use_backend("eager"):
+        result = bench_measure.run(device="cpu", repeats=1, instrument_repeats=1, data_dir=str(synth_data_dir),
+                                   batch_size=64)
+    json.dumps(result)
+    per = result["per_measurement_seconds"]
+    assert set(per) == {*INSTRUMENTS, "all"}
+    assert all(0 < s["min"] <= s["median"] <= s["max"] for s in per.values())
+    assert result["steps_per_epoch"] == 8 and result["measurements_per_epoch"] == 1  # step 0 only: 8 < 100
+    seconds = result["epoch_seconds"]
+    assert result["epoch_ratio"] == pytest.approx(seconds["with instruments"]["median"] / seconds["without"]["median"],
+                                                  rel=0.01)
+    assert result["step_seconds"] == pytest.approx(seconds["without"]["median"] / 8, rel=0.01)
+    table = bench_measure.format_table(result)
+    assert "beta_smoothness" in table and "with / without" in table and "CPU target <= 1.25" in table

@@ -8,6 +8,8 @@ from bnexp.cli import main
 
 
 def _as_override(v) -> str:
+    if isinstance(v, list):  # one shell word: measure_steps=[0.5,1.0,2.0,4.0]
+        return "[" + ",".join(map(_as_override, v)) + "]"
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
