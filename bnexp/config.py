@@ -17,6 +17,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import measures_format as MF
 from .errors import BnexpError
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
@@ -43,11 +44,10 @@ HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "lr_scale_batch": None, "
 BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-# bnexp.measure.INSTRUMENTS, restated so that composing a config does not import torch (a test pins them equal).
-INSTRUMENTS = ("landscape", "predictiveness", "beta_smoothness", "ics", "saturation", "weights")
+INSTRUMENTS = MF.INSTRUMENTS  # bnexp.measures_format is torch-free: composing a config stays instant
 # The instrument keys: left out of the run id while `measure` is [] (runs without instruments keep their ids);
 # with instruments on, all three are part of it (a run with instruments is another run directory).
-MEASURE_KEYS = ("measure", "measure_every", "measure_steps")
+MEASURE_KEYS = MF.CONFIG_KEYS
 
 # Upper limits on values that would otherwise fail mid-run or exhaust memory (README, "Bad input"),
 # checked after the type checks: key -> (largest value allowed, why).

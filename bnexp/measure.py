@@ -68,10 +68,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import engine
+from . import measures_format as MF
 from .errors import BnexpError
 
-INSTRUMENTS = ("landscape", "predictiveness", "beta_smoothness", "ics", "saturation", "weights")
-GRID_INSTRUMENTS = ("landscape", "predictiveness", "beta_smoothness")  # they share the grid passes
+INSTRUMENTS = MF.INSTRUMENTS
+GRID_INSTRUMENTS = MF.WHOLE_MODEL  # they share the grid passes
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 SIGMOID_SATURATED = 4.0  # |z| beyond which sigmoid' < 0.0177 (7.1% of its maximum 0.25)
 TANH_SATURATED = 2.0     # |z| beyond which tanh' < 0.0707 (7.1% of its maximum 1): sigmoid's point, rescaled
@@ -240,13 +241,13 @@ class Measurer:
         out = {}
         if "landscape" in self.names:
             stack = torch.stack(losses)
-            out.update({("landscape", "model", "min"): stack.min(), ("landscape", "model", "max"): stack.max(),
-                        ("landscape", "model", "loss"): loss.float()})
+            out.update({("landscape", MF.MODEL_LAYER, "min"): stack.min(), ("landscape", MF.MODEL_LAYER, "max"): stack.max(),
+                        ("landscape", MF.MODEL_LAYER, "loss"): loss.float()})
         if "predictiveness" in self.names:
             stack = torch.stack(diffs)
-            out.update({("predictiveness", "model", "min"): stack.min(), ("predictiveness", "model", "max"): stack.max()})
+            out.update({("predictiveness", MF.MODEL_LAYER, "min"): stack.min(), ("predictiveness", MF.MODEL_LAYER, "max"): stack.max()})
         if "beta_smoothness" in self.names:
-            out[("beta_smoothness", "model", "max")] = torch.stack(betas).max()
+            out[("beta_smoothness", MF.MODEL_LAYER, "max")] = torch.stack(betas).max()
         return out
 
     def updated(self, theta, g) -> dict[str, torch.Tensor]:

@@ -28,13 +28,14 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
+from . import measures_format as MF
 from .errors import BnexpError
 from .locks import RunLock, describe_process
 
 ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
-MEASURE_COLUMNS = ("step", "instrument", "layer", "statistic", "value")  # measures.csv (bnexp/measure.py)
+MEASURE_COLUMNS = MF.HEADER  # measures.csv (bnexp/measures_format.py)
 FINISHED = ("completed", "diverged")
 
 
@@ -202,7 +203,7 @@ class RunDir:
     def write_measures(self, rows: list[tuple]) -> None:
         """measures.csv: one row per (step, instrument, layer, statistic), in step order, rewritten whole
         after every epoch; values as Python writes floats (repr: round-trips exactly, nan for undefined)."""
-        atomic_write_text(self.path / "measures.csv", csv_text(MEASURE_COLUMNS, rows))
+        atomic_write_text(self.path / MF.FILE_NAME, csv_text(MEASURE_COLUMNS, rows))
 
     def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
         """steps.csv (step, epoch, loss), rewritten whole after every epoch. The lines of earlier

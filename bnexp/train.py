@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import config as C
 from . import data, engine, execution, measure, models, probes
+from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
@@ -328,7 +329,7 @@ def measure_at(s: Setup, state: dict, step: int, order: torch.Tensor, k: int, tb
     x = engine.model_input(s.train.x[idx], s.model.input_size, s.opts.channels_last)
     rows = s.meter.measure(step, x, s.train.y[idx])
     state["measures"] += rows
-    tb.scalars({f"measure/{inst}/{layer}/{stat}": value for _, inst, layer, stat, value in rows}, step)
+    tb.scalars({MF.tensorboard_tag(inst, layer, stat): value for _, inst, layer, stat, value in rows}, step)
     state["measure_seconds"] += time.perf_counter() - t
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from bnexp import config as C
-from bnexp import engine, measure as M, train as T
+from bnexp import engine, measure as M, measures_format as MF, train as T
 from bnexp.cli import main
 from bnexp.errors import BnexpError
 from test_reproducible import DIE_HOOK
@@ -221,7 +221,7 @@ def test_an_instrument_that_does_not_apply_is_refused():
 # ----------------------------------------------------------------------------- config
 
 def test_instrument_names_match_and_keys_validate():
-    assert C.INSTRUMENTS == M.INSTRUMENTS
+    assert C.INSTRUMENTS == M.INSTRUMENTS == MF.INSTRUMENTS
     cfg = C.compose(["measure=all"])
     assert list(cfg.measure) == list(M.INSTRUMENTS) and list(cfg.measure_steps) == [0.5, 1.0, 2.0, 4.0]
     assert list(C.compose(["measure=ics"]).measure) == ["ics"]
