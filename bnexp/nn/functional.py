@@ -170,16 +170,15 @@ def _dense_strides(shape, order) -> tuple[int, ...]:
     return tuple(strides)
 
 
-def _layout(t: Tensor) -> str | None:
-    """'contiguous' or 'channels_last' when t's strides are exactly those, else None."""
-    return _layout_of(t.shape, t.stride())
+def _dense_layout(t: Tensor) -> str | None:
+    """'contiguous' or 'channels_last' when t is dense in that order, else None.
 
-
-@functools.lru_cache(maxsize=1024)
-def _layout_of(shape: torch.Size, stride: tuple[int, ...]) -> str | None:
-    if stride == _dense_strides(shape, range(len(shape) - 1, -1, -1)):
+    As torch's is_contiguous (and Inductor's size and stride asserts), the strides of size-1
+    dims do not count: such a dim is only ever indexed at 0.
+    """
+    if t.is_contiguous():
         return "contiguous"
-    if len(shape) == 4 and stride == _dense_strides(shape, (1, 3, 2, 0)):
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
     return None
 
@@ -214,17 +213,26 @@ def _compile(fn, tensors: tuple, layouts: tuple, consts: dict):
 
 
 def _compiled_call(name: str, fn, tensors: tuple, consts: dict):
-    # Other layouts (slices, expanded gradients, odd strides of size-1 dims) get a dense copy.
-    tensors = tuple(t if t is None or _layout(t) else t.clone(memory_format=torch.contiguous_format)
-                    for t in tensors)
-    layouts = tuple(None if t is None else _layout(t) for t in tensors)
-    key = (name, tuple(consts.items()), layouts,
-           tuple(None if t is None else (t.dtype, t.device, t.dim()) for t in tensors))
+    # Called twice per layer and step, so one cheap pass over the tensors builds the signature.
+    # Other layouts (slices, expanded gradients) get a dense copy.
+    dense, key = [], [name, tuple(consts.items())]
+    for t in tensors:
+        if t is not None:
+            layout = _dense_layout(t)
+            if layout is None:
+                t, layout = t.clone(memory_format=torch.contiguous_format), "contiguous"
+            key.append((t.dtype, t.device, t.dim(), layout))
+        else:
+            key.append(None)
+        dense.append(t)
+    key = tuple(key)
     kernel = _compiled.get(key)
     if kernel is None:
-        kernel = _compiled[key] = _compile(fn, tensors, layouts, consts)
-    with torch.no_grad():
-        return tuple(kernel(*(None if t is None else t.detach() for t in tensors)))
+        kernel = _compiled[key] = _compile(fn, dense, tuple(k and k[3] for k in key[2:]), consts)
+    if torch.is_grad_enabled():  # the autograd Functions run it with grad mode off already
+        with torch.no_grad():
+            return kernel(*(None if t is None else t.detach() for t in dense))
+    return kernel(*dense)
 
 
 # ----------------------------------------------------------------------------- pure math on (N, C, *spatial)

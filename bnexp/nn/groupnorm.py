@@ -32,6 +32,14 @@ compiled backends, plain torch ops under eager; there are no Triton kernels for 
 auto/triton run them compiled. A channels_last input is copied to NCHW for the kernels and the
 output copied back to channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
 `torch.nn.functional.group_norm`.
+
+Speed (CPU): the compiled kernels alone are about as fast as ATen's group norm at LeNet5's
+shapes, so what decides the ratio is the fixed cost per call around them (autograd.Function,
+the kernel lookup, AOTAutograd's wrapper of the compiled graph), ~40 us per forward+backward
+more than torch's C++ path. Hence the kernels take weight and bias as (C,) and return (C,)
+gradients and the group mean themselves (no view or add per call), and the statistics leave
+the autograd Function only when asked for (return_stats). Measured ratios: README,
+"Performance (measured)".
 """
 
 import torch
@@ -41,7 +49,7 @@ from torch import Tensor
 from . import functional
 from .kinds import resolve_groups
 
-_GENERIC, _GROUP = (7, 5, 11, 13), (5, 11)  # generic tracing sizes of x (N, G, C/G, S) and of weight (G, C/G)
+_GENERIC = (7, 5, 11, 13)  # generic tracing sizes of x (N, G, C/G, S); weight and bias are (G * C/G,)
 
 
 def _per_group(t: Tensor) -> Tensor:
@@ -49,17 +57,17 @@ def _per_group(t: Tensor) -> Tensor:
     return t[:, :, None, None]
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    """A (G, C/G) parameter shaped to broadcast against (N, G, C/G, S)."""
-    return t[None, :, :, None]
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """A (C,) parameter shaped to broadcast against x (N, G, C/G, S)."""
+    return t.view(1, x.shape[1], x.shape[2], 1)
 
 
 def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """Normalise x (N, G, C/G, S) per sample and group; weight and bias are (G, C/G).
+    """Normalise x (N, G, C/G, S) per sample and group; weight and bias are (C,).
 
-    Returns (y, shift, delta, invstd, var), the statistics (N, G): the group mean is shift + delta, var the biased
-    variance
-    (the numerics of `functional.train_forward`'s eager path).
+    Returns (y, shift, delta, invstd, mean, var), the statistics (N, G): the group mean is shift + delta (kept apart
+    for the backward's precision; `mean` is their sum), var the biased variance (the numerics of
+    `functional.train_forward`'s eager path).
     """
     xs = x.to(functional._stats_dtype(x))
     shift = xs[:, :, 0, 0].clone()  # clone: no output aliasing an input in a compiled kernel
@@ -70,14 +78,14 @@ def group_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     invstd = torch.rsqrt(var + eps)
     y = centred * _per_group(invstd)
     if weight is not None:
-        y = y * _per_channel(weight.to(y.dtype))
+        y = y * _per_channel(weight.to(y.dtype), x)
     if bias is not None:
-        y = y + _per_channel(bias.to(y.dtype))
-    return y.to(x.dtype), shift, delta, invstd, var
+        y = y + _per_channel(bias.to(y.dtype), x)
+    return y.to(x.dtype), shift, delta, invstd, shift + delta, var
 
 
 def group_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, shift: Tensor, delta: Tensor, invstd: Tensor):
-    """Closed-form gradient of `group_forward`: (grad_x in x's dtype, grad_weight, grad_bias (G, C/G)).
+    """Closed-form gradient of `group_forward`: (grad_x in x's dtype, grad_weight, grad_bias (C,)).
 
     One reduction pass over g and x gives the per-(sample, channel) sums of g and g * (x - mean);
     everything else is on (N, G, C/G) statistics, then one elementwise pass writes grad_x (as ATen).
@@ -87,57 +95,62 @@ def group_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, shift: Tens
     sum_g = g.sum(dim=3)  # (N, G, C/G)
     sum_g_centred = (g * centred).sum(dim=3)
     invstd3 = invstd[:, :, None]
-    grad_weight = (sum_g_centred * invstd3).sum(dim=0)
-    grad_bias = sum_g.sum(dim=0)
+    grad_weight = (sum_g_centred * invstd3).sum(dim=0).reshape(-1)
+    grad_bias = sum_g.sum(dim=0).reshape(-1)
     values = x.shape[2] * x.shape[3]  # per sample and group
-    w = None if weight is None else weight.to(g.dtype)[None]
+    w = None if weight is None else weight.to(g.dtype).view(1, x.shape[1], x.shape[2])
     mean_h = (sum_g if w is None else sum_g * w).sum(dim=2) / values  # mean of h = g * weight over the group
     mean_h_xhat = (sum_g_centred if w is None else sum_g_centred * w).sum(dim=2) * invstd / values
-    h = g if weight is None else g * _per_channel(weight.to(g.dtype))
+    h = g if weight is None else g * _per_channel(weight.to(g.dtype), x)
     grad_x = _per_group(invstd) * (h - _per_group(mean_h) - centred * _per_group(invstd * mean_h_xhat))
     return grad_x.to(x.dtype), grad_weight, grad_bias
 
 
-group_forward.example_shapes = (_GENERIC, _GROUP, _GROUP)
-group_backward.example_shapes = (_GENERIC, _GENERIC, _GROUP, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
+_CHANNELS = (_GENERIC[1] * _GENERIC[2],)
+group_forward.example_shapes = (_GENERIC, _CHANNELS, _CHANNELS)
+group_backward.example_shapes = (_GENERIC, _GENERIC, _CHANNELS, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
 
 
-def _grouped(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None):
-    """x as (N, G, C/G, S) (a view where the layout allows) and weight, bias as (G, C/G)."""
-    return (x.reshape(x.shape[0], groups, x.shape[1] // groups, -1),
-            *(None if p is None else p.view(groups, -1) for p in (weight, bias)))
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """x as (N, G, C/G, S): a view where the layout allows."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """Returns y and, without gradient, the group means and biased variances (N, G)."""
+    """Returns y and, with return_stats, without gradient the group means and biased variances (N, G)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
+    def forward(ctx, x, weight, bias, groups, eps, return_stats):
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x4, w, b = _grouped(x, groups, weight, bias)
-        y, shift, delta, invstd, var = functional._run("group_forward", group_forward, (x4, w, b), dict(eps=eps))
+        x4 = _grouped(x, groups)
+        y, shift, delta, invstd, mean, var = functional._run("group_forward", group_forward, (x4, weight, bias),
+                                                             {"eps": eps})
         # the inputs, not their views: a view saved here would break an outer torch.compile (an alias in the graph)
         ctx.save_for_backward(x, weight, shift, delta, invstd)
         ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
-        mean = shift + delta
+        y = y.view(x.shape)
+        if channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        if not return_stats:
+            return y
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
-        y = y.view(x.shape)
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y, mean, var
+        return y, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
+    def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:
-            return (None,) * 5
+            return (None,) * 6
         x, weight, shift, delta, invstd = ctx.saved_tensors
-        x4, w, _ = _grouped(x, ctx.groups, weight, None)
+        x4 = _grouped(x, ctx.groups)
         grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
-                                                 (grad_y.reshape(x4.shape), x4, w, shift, delta, invstd), {})
-        grad_x = grad_x.view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_w.flatten().to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = grad_b.flatten().to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+                                                 (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+        needs = ctx.needs_input_grad
+        grad_x = grad_x.view(x.shape) if needs[0] else None
+        grad_w = (grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)) if needs[1] else None
+        grad_b = (grad_b if grad_b.dtype == ctx.bias_dtype else grad_b.to(ctx.bias_dtype)) if needs[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def group_norm(x: Tensor, groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -148,8 +161,7 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None = None, bias: Tenso
     """
     if x.numel() == 0:
         return F.group_norm(x, groups, weight, bias, eps)
-    y, mean, var = _GroupNormFunction.apply(x, weight, bias, groups, eps)
-    return (y, mean, var) if return_stats else y
+    return _GroupNormFunction.apply(x, weight, bias, groups, eps, return_stats)
 
 
 class GroupNorm(torch.nn.GroupNorm):
