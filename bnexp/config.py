@@ -37,7 +37,7 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
                      "norm.backend")
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
-HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
+HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "precise_bn": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
                  "model.norm_position": "before", "model.init": "default"}
 
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
@@ -91,6 +91,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop_last": (lambda v: isinstance(v, bool), "true or false"),
     "probe_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "precise_bn": (_non_negative_int, "a non-negative integer (training batches; 0 = off)"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
@@ -241,6 +242,9 @@ def validate(raw: dict) -> dict:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
     if flat["norm.kind"] in BATCH_STAT_KINDS:
         _check_batch_statistics(flat)
+    if flat["precise_bn"] and flat["norm.kind"] not in BATCH_STAT_KINDS:
+        raise BnexpError(f"precise_bn={flat['precise_bn']} needs a norm with running statistics ({', '.join(BATCH_STAT_KINDS)}); "
+                         f"norm={flat['norm.kind']} has none to recompute: use precise_bn=0")
     if flat["norm.kind"] == "ghost" and (flat["norm.ghost_size"] or 0) > flat["batch_size"]:
         raise BnexpError(f"norm.ghost_size={flat['norm.ghost_size']} is larger than batch_size={flat['batch_size']}: "
                          f"a virtual batch is part of a batch; use norm.ghost_size <= {flat['batch_size']}")

@@ -35,6 +35,7 @@ from .locks import RunLock, describe_process
 ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
+PRECISE_COLUMNS = ("epoch", "test_loss", "test_acc", "batches")  # precise.csv: precise_bn evaluations (bnexp/precise.py)
 MEASURE_COLUMNS = MF.HEADER  # measures.csv (bnexp/measures_format.py)
 FINISHED = ("completed", "diverged")
 
@@ -199,6 +200,10 @@ class RunDir:
     def write_evals(self, rows: list[dict]) -> None:
         """evals.csv: one row per mid-epoch evaluation (eval_every), rewritten whole after every epoch."""
         atomic_write_text(self.path / "evals.csv", csv_text(EVAL_COLUMNS, ([r[c] for c in EVAL_COLUMNS] for r in rows)))
+
+    def write_precise(self, rows: list[dict]) -> None:
+        """precise.csv: one row per finished epoch, the test set with precise BN statistics (precise_bn)."""
+        atomic_write_text(self.path / "precise.csv", csv_text(PRECISE_COLUMNS, ([r[c] for c in PRECISE_COLUMNS] for r in rows)))
 
     def write_measures(self, rows: list[tuple]) -> None:
         """measures.csv: one row per (step, instrument, layer, statistic), in step order, rewritten whole

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as C
-from . import data, engine, execution, measure, models, probes
+from . import data, engine, execution, measure, models, precise, probes
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
@@ -283,13 +283,15 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
                     "eval": round(state["eval_seconds"], 3),
                     "probes": round(state["probe_seconds"], 3),
                     **({"measures": round(state["measure_seconds"], 3)} if cfg.measure else {}),
+                    **({"precise": round(state["precise_seconds"], 3)} if cfg.precise_bn else {}),
                     "total": round(state["elapsed"], 3)},
     }
 
 
 def _fresh_state() -> dict:
     return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None,
-            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": [], "measure_seconds": 0.0, "measures": []}
+            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": [], "measure_seconds": 0.0, "measures": [],
+            "precise_seconds": 0.0, "precise": []}
 
 
 def _epoch_evaluation(s: Setup, cfg, state: dict, step: int) -> tuple[float, float]:
@@ -477,7 +479,28 @@ def _as_of(state: dict, epochs: int) -> dict:
     """`state` cut back to its first `epochs` epochs: what the checkpoint on disk holds."""
     steps = state["steps_per_epoch"][:epochs]
     return {**state, "epoch": epochs, "metrics": state["metrics"][:epochs], "steps_per_epoch": steps,
-            "losses": state["losses"][:sum(steps)], "measures": [r for r in state["measures"] if r[0] <= sum(steps)]}
+            "losses": state["losses"][:sum(steps)], "measures": [r for r in state["measures"] if r[0] <= sum(steps)],
+            "precise": state["precise"][:epochs]}
+
+
+def _record_writes(rd: RunDir, cfg, state: dict) -> list:
+    """The writes of the records a config asks for besides metrics and steps: evals.csv (eval_every),
+    measures.csv (measure) and precise.csv (precise_bn)."""
+    return [w for on, w in ((cfg.eval_every, lambda: rd.write_evals(state["evals"])),
+                            (cfg.measure, lambda: rd.write_measures(state["measures"])),
+                            (cfg.precise_bn, lambda: rd.write_precise(state["precise"]))) if on]
+
+
+def _precise_evaluation(s: Setup, cfg, state: dict, epoch: int, step: int, tb) -> None:
+    """precise_bn: the test set with population statistics recomputed over precise_bn training batches,
+    on a copy of the model (bnexp/precise.py), recorded beside the epoch's usual evaluation."""
+    t = time.perf_counter()
+    twin = precise.recompute(s.model, s.train, cfg.batch_size, cfg.precise_bn, cfg.seed, s.opts)
+    test_loss, test_acc = evaluate(twin, s.test, cfg.batch_size, s.opts)
+    state["precise"].append({"epoch": epoch, "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
+                             "batches": len(precise.precise_batches(len(s.train), cfg.batch_size, cfg.precise_bn, cfg.seed))})
+    tb.scalars({"epoch/test_loss_precise": test_loss, "epoch/test_acc_precise": test_acc}, step)
+    state["precise_seconds"] += time.perf_counter() - t
 
 
 def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Exception) -> None:
@@ -499,7 +522,7 @@ def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Ex
             pass
     writes = (lambda: rd.write_metrics(state["metrics"]),
               lambda: rd.write_steps(state["losses"], state["steps_per_epoch"]),
-              *((lambda: rd.write_measures(state["measures"]),) if cfg.measure else ()),
+              *_record_writes(rd, cfg, state),
               lambda: rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
                                           ended=now_iso())))
     for write in writes:
@@ -556,6 +579,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                    "lr": lr, "seconds": round(ep["seconds"], 4)}
             state["metrics"].append(row)
             _epoch_line(bar, cfg, row)
+            if cfg.precise_bn:
+                _precise_evaluation(s, cfg, state, epoch, step0, tb)
             tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
             if epoch in probe_at:
                 _probe(s, state, probe_x, epoch, step0, samples, tb)
@@ -568,10 +593,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             _checkpoint(rd, s, cfg, state)
             saved = epoch
             rd.write_metrics(state["metrics"])
-            if cfg.eval_every:
-                rd.write_evals(state["evals"])
-            if cfg.measure:
-                rd.write_measures(state["measures"])
+            for write in _record_writes(rd, cfg, state):
+                write()
             rd.write_steps(state["losses"], state["steps_per_epoch"])
             rd.write_info(_info(rd, cfg, s, "running", state, attempt))
         else:
@@ -591,10 +614,8 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             bar.close()
     state["elapsed"] = time.perf_counter() - t_start
     rd.write_metrics(state["metrics"])
-    if cfg.eval_every:
-        rd.write_evals(state["evals"])
-    if cfg.measure:
-        rd.write_measures(state["measures"])
+    for write in _record_writes(rd, cfg, state):
+        write()
     rd.write_steps(state["losses"], state["steps_per_epoch"])
     if samples:
         rd.write_activations(samples)

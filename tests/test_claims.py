@@ -158,3 +158,17 @@ def test_a_malformed_ledger_is_one_line(tmp_path):
                    "[{name: n, preset: p, arms: {a: {}, b: {}}, quantity: test_acc, test: sideways}]}\n")
     with pytest.raises(BnexpError, match="test 'sideways' not in"):
         load_claims(bad)
+
+
+def _precise(run_dir, acc):
+    (run_dir / "precise.csv").write_text(f"epoch,test_loss,test_acc,batches\n1,0.5,{acc - 0.01},100\n20,0.4,{acc},100\n")
+
+
+@pytest.mark.parametrize("gain_small, verdict", [(0.03, "supported"), (0.002, "not supported")])
+def test_precise_bn_gain_at_small_batches(tmp_path, gain_small, verdict):
+    for bs, gain in ((4, gain_small), (256, 0.001)):
+        for seed in range(3):
+            d = fake_run(tmp_path, seed=seed, batch_size=bs, test_acc=0.85, precise_bn=100)
+            _precise(d, 0.85 + gain)
+    r = _ledger_results(tmp_path)["train_vs_inference"]
+    assert r.verdict == verdict and "at batch_size 4" in r.settings[0].evidence[0]

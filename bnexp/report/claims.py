@@ -24,11 +24,13 @@ from bnexp.report.load import AGGREGATED, matches
 MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
 
 VERDICTS = ("supported", "not supported", "mixed", "not run")
-TESTS = ("lower", "higher", "close", "at_least", "not_trained", "trains_higher_lr", "smaller_drop")
-ONE_ARM = ("not_trained",)
-OVER = {"trains_higher_lr": "lr", "smaller_drop": "batch_size"}   # tests that compare across a key
-NEEDS_TOLERANCE = ("close", "at_least", "smaller_drop")
-RUN_QUANTITIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss", "gap", "outcome", "drift")
+TESTS = ("lower", "higher", "close", "at_least", "not_trained", "trains_higher_lr", "smaller_drop", "larger_at_small")
+ONE_ARM = ("not_trained", "larger_at_small")
+OVER = {"trains_higher_lr": "lr", "smaller_drop": "batch_size", "larger_at_small": "batch_size"}  # across a key
+NEEDS_TOLERANCE = ("close", "at_least", "smaller_drop", "larger_at_small")
+RUN_QUANTITIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss", "gap", "outcome", "drift",
+                  "precise_gain")
+PRECISE_FILE = "precise.csv"   # bnexp.tracking.PRECISE_COLUMNS (written by training: importing it would import torch)
 # The report's figure kinds (figure_plan.FigureInfo.kind) a setting may link to.
 FIGURE_KINDS = ("loss", "lr", "batch", "activations", "generalization", "ioffe", *MEASURE_FIGURE_KINDS)
 
@@ -166,6 +168,15 @@ def _drift(run_dir: Path) -> float:
     return float(np.mean(drifts)) if drifts else math.nan
 
 
+def _precise_acc(run_dir: Path) -> float:
+    """The last epoch's test accuracy with precise BN statistics (precise.csv), NaN without the file."""
+    try:
+        df = pd.read_csv(run_dir / PRECISE_FILE)
+        return float(df.sort_values("epoch")["test_acc"].iloc[-1]) if len(df) else math.nan
+    except (OSError, ValueError, KeyError, IndexError, pd.errors.ParserError):
+        return math.nan
+
+
 def _measure(rows: pd.DataFrame, quantity: str) -> float:
     """<instrument>.<statistic>: the mean over measured steps (and layers) of one run's measures.csv
     rows (`rows`, as bnexp.report.measures reads them); landscape.range: the mean over steps of
@@ -197,6 +208,9 @@ def _values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | None) ->
         return runs[quantity].astype(float)
     if quantity == "drift":
         return pd.Series([_drift(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
+    if quantity == "precise_gain":
+        final = pd.Series([_precise_acc(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
+        return final - runs["test_acc"].astype(float)
     by_run = {} if measures is None or measures.empty else dict(tuple(measures.groupby("run_id", observed=True)))
     empty = pd.DataFrame(columns=["instrument", "statistic", "step", "value"])
     return pd.Series([_measure(by_run.get(r, empty), quantity) for r in runs["run_id"]], index=runs.index, dtype=float)
@@ -287,13 +301,15 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     if sel.empty:
         return SettingResult(st, "not run", [f"no runs; run `{st.command(min_seeds)}`"])
     sel = sel.assign(_q=quantity_values(sel, st.quantity, measures))
+    # one run per (context, arm, swept value, seed): a seed run twice (another device, instruments on or
+    # off) is one seed, the run that recorded the quantity first
+    sel = sel.assign(_missing=sel["_q"].isna()) if st.quantity != "outcome" else sel.assign(_missing=False)
     skip = st.arm_keys | {"seed"} | ({st.over} if st.over else set())
     skip |= {k for k in keys if k.startswith("norm.")} if "norm.kind" in st.arm_keys else set()
     if "norm.kind" in st.arm_keys:
         skip |= {"bn", "model.dropout"}   # the BN arm brings its own dropout rule and bn shortcut
     ctx_key = sel.apply(lambda r: _context(r, keys, skip), axis=1)
-    # one run per (context, arm, swept value, seed): a seed measured twice (another device, instruments) is one seed
-    sel = sel.assign(_ctx=ctx_key).sort_values("run_id", kind="stable")
+    sel = sel.assign(_ctx=ctx_key).sort_values(["_missing", "run_id"], kind="stable")
     sel = sel.drop_duplicates(["_ctx", "_arm", "seed", *([st.over] if st.over else []), *sorted(st.arm_keys & set(sel))])
     ctx_key = sel["_ctx"]
     result = SettingResult(st, "not run")
@@ -330,6 +346,15 @@ def _evaluate_context(st: Setting, ctx: pd.DataFrame, keys, skip, min_seeds: int
         text = "; ".join(f"{a} trains up to lr {_text(top[a]) if top[a] > -math.inf else 'none'} "
                          f"(of {', '.join(_text(x) for x in sorted(per[a]))})" for a in arms)
         return where + text, bool(top[arms[0]] > top[arms[1]])
+    if st.test == "larger_at_small":
+        g = ctx[ctx["_arm"] == arms[0]]
+        sizes = sorted(s for s, gg in g.groupby(st.over) if gg["_q"].notna().sum() >= min_seeds)
+        if len(sizes) < 2:
+            return where + f"fewer than 2 {st.over} values with {min_seeds} seeds", None
+        lo, hi = (g.loc[g[st.over] == s, "_q"].to_numpy(float) for s in (sizes[0], sizes[-1]))
+        text = (f"{arms[0]} {st.quantity} {fmt(lo)} at {st.over} {_text(sizes[0])} vs {fmt(hi)} at "
+                f"{_text(sizes[-1])}")
+        return where + text, bool(_stats(lo)[0] > _stats(hi)[0] + st.tolerance)
     if st.test == "smaller_drop":
         drops, parts = {}, []
         for a in arms:

@@ -38,7 +38,8 @@ STEPS_COLUMNS = ("step", "epoch", "loss")
 # grouping. The instruments' keys are among them: measuring does not change the trajectory (issue 15), so a
 # BN run and a no-BN run with instruments on are compared with each other and with runs without them.
 NOT_DEFINING = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every", "data.verify",
-                "channels_last", "cuda_graphs", "threads", "norm.backend", *MF.CONFIG_KEYS)
+                "channels_last", "cuda_graphs", "threads", "norm.backend", *MF.CONFIG_KEYS,
+                "precise_bn")  # the instruments and precise BN observe a run; its training numbers are the same
 CREATE_HINT = "create runs with `bnexp train` or `bnexp sweep` (e.g. `bnexp sweep --preset lr_sensitivity`)"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
