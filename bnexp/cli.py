@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
+
+STARTED = time.perf_counter()  # when this command started (the sweep summary's wall time counts from here)
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -79,8 +82,14 @@ def train(
     """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
     from . import config
 
+    from .tracking import check_writable, finished_run
+
     args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)  # bad input is answered here, before torch is imported
+    check_writable(Path(cfg.results_dir))
+    if not force and (done := finished_run(Path(cfg.results_dir), config.run_id(cfg))) is not None:
+        typer.echo(summary_line(done))  # a finished run is answered without importing torch
+        return
     from . import train as T
 
     try:
@@ -161,21 +170,22 @@ def sweep(
             typer.echo(S.describe_grid(p, grids, max_runs))
             return
     plan = S.plan(overrides, preset=preset, quiet=parallel, max_runs=max_runs)
+    if dry_run:  # the configs are validated; device, data and model checks need torch and wait for the sweep
+        typer.echo(S.describe(plan, dry_run=True))
+        for p in plan.points:
+            typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
+        return
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if note := S.oversubscription(plan, jobs, launcher.value):
         typer.echo(note, err=True)
-    if dry_run:
-        for p in plan.points:
-            typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
-        return
 
     def progress(r, done, total):
         typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
 
     result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
                          wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
-    typer.echo(S.format_summary(result))
+    typer.echo(S.format_summary(result, time.perf_counter() - STARTED))
     if result.counts["failed"] or result.counts["busy"]:
         raise typer.Exit(1)
 
@@ -252,13 +262,15 @@ class BenchName(str, Enum):
     sweep = "sweep"
     report = "report"
     log = "log"
+    cli = "cli"
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
-                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log")
+                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench cli")
 def bench(
-    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging)."),
+    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; cli = answer "
+                                                      "time of commands that train nothing)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "
