@@ -515,21 +515,28 @@ def _busy(p: Point, holder: str):
 
 # ----------------------------------------------------------------------------- summary
 
-NOTE_WIDTH = 60  # characters of a run's note in the summary table
+NOTE_WIDTH = 72  # characters of a run's note in the summary table
 
 
 def summary_rows(res: SweepResult) -> list[dict]:
     """One dict per run: the swept axes, status, epochs, final metrics, recorded time, note."""
-    from .tracking import RunDir
+    from .outcome import classify_run
+    from .reference import load_reference
+    from .tracking import FINISHED, RunDir
 
+    num_classes = load_reference().num_classes
     rows = []
     for p, r in zip(res.plan.points, res.results):
         values = dict(o.partition("=")[::2] for o in p.overrides)
-        info = RunDir(Path(p.results_dir), p.run_id).read_info() or {}
+        rd = RunDir(Path(p.results_dir), p.run_id)
+        info = rd.read_info() or {}
         final = r.final or {}
-        note = r.message if r.status in ("failed", "skipped", "busy") else ""
+        note = r.message if r.status in ("failed", "busy") else ""
+        if info.get("status") in FINISHED and r.status in (*FINISHED, "skipped"):  # how it ended (outcome.py)
+            note = classify_run(rd.path, info["status"], num_classes.get(p.cfg.data.name), p.cfg.model.activation,
+                                p.cfg.model.norm_position, info.get("final")).text()
         if r.status == "diverged" and r.extra.get("diverged_at"):
-            note = f"non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
+            note = f"diverged: non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
         rows.append({**{k: values.get(k) for k in res.plan.axes}, "status": r.status,
                      "epochs": f"{r.epochs_completed}/{p.cfg.epochs}",
                      **{k: final.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
