@@ -83,10 +83,10 @@ def train(
     """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
     from . import config
 
-    from .tracking import check_writable, finished_run
-
     args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)  # bad input is answered here, before torch is imported
+    from .tracking import check_writable, finished_run
+
     check_writable(Path(cfg.results_dir))
     if not force and (done := finished_run(Path(cfg.results_dir), config.run_id(cfg))) is not None:
         typer.echo(summary_line(done))  # a finished run is answered without importing torch
