@@ -355,8 +355,20 @@ def check_bn_shortcut(overrides: list[str]) -> None:
 def compose(overrides: list[str] = ()) -> DictConfig:
     """Hydra overrides -> validated, resolved, read-only config."""
     overrides = apply_aliases(list(overrides))
+    check_keys(overrides)
     check_bn_shortcut(overrides)
     return _finish(_hydra_compose(overrides))
+
+
+def check_keys(overrides: list[str]) -> None:
+    """A plain `key=value` whose key no config has is refused before Hydra is set up (a typo is
+    answered at once), with the words Hydra's own refusal gets (`_hydra_error`). Prefixed (+, ~),
+    packaged (@) and hydra.* overrides are left to Hydra."""
+    for o in overrides:
+        m = re.match(r"^([A-Za-z_][\w.]*)=", o)
+        if m and not m.group(1).startswith("hydra.") and m.group(1) not in _CHECKS \
+                and not (CONF_DIR / m.group(1)).is_dir():
+            raise BnexpError(f"unknown config key '{m.group(1)}'; see `bnexp train --help` for the keys")
 
 
 def _hydra_compose(overrides: list[str]) -> DictConfig:
@@ -408,6 +420,7 @@ class Composer:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
         overrides = apply_aliases(list(overrides))
+        check_keys(overrides)
         check_bn_shortcut(overrides)
         split = self._split(overrides)
         if split is None:

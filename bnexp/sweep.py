@@ -101,31 +101,47 @@ def load_preset(name: str) -> Preset:
 
 # ----------------------------------------------------------------------------- grid expansion
 
+_parser = None  # Hydra's override parser with a config loader, made once per process (see _override_parser)
+
+
+def _override_parser():
+    """Hydra's override parser, with a config loader so that `model=glob(*)` can list the group.
+
+    Made once: setting Hydra up costs ~20 ms (more on a busy CPU), and --list-presets parses the
+    grids of every preset. The loader only reads the config directory, so it stays valid after
+    Hydra's global state is cleared again (config.compose clears it for each composition)."""
+    global _parser
+    if _parser is None:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+                _parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        finally:
+            GlobalHydra.instance().clear()
+    return _parser
+
+
 def _parse(overrides: list[str]):
-    """Hydra's parser, with a config loader so that `model=glob(*)` can list the group."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Overrides -> Hydra's parsed Override objects; a malformed one is one line."""
     from hydra.errors import OverrideParseException
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            parsed = []
-            for o in overrides:
-                try:
-                    parsed += parser.parse_overrides([o])
-                except OverrideParseException as e:
-                    if (lexed := C.lexer_error(e)) is not None:
-                        raise lexed from None
-                    lines = str(e).splitlines()
-                    why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
-                    raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
-                                     f"key=range(start,stop[,step]) or key=choice(v1,v2,...)") from None
-            return parsed
-    finally:
-        GlobalHydra.instance().clear()
+    parser = _override_parser()
+    parsed = []
+    for o in overrides:
+        try:
+            parsed += parser.parse_overrides([o])
+        except OverrideParseException as e:
+            if (lexed := C.lexer_error(e)) is not None:
+                raise lexed from None
+            lines = str(e).splitlines()
+            why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
+            raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
+                             f"key=range(start,stop[,step]) or key=choice(v1,v2,...)") from None
+    return parsed
 
 
 def _count(o) -> int:

@@ -53,6 +53,7 @@ def test_commands_that_train_nothing_import_no_torch(grid_dirs, name, form):
         assert "0 of 8 runs finished already" in out and out.count("lenet5-fashion_mnist-") == 8
     elif name == "typo (train lrr=1)":
         assert proc.stderr.splitlines()[-1].startswith("error: unknown config key 'lrr'")
+        assert "hydra" not in B.imported(proc.stderr)  # refused before Hydra is even imported
 
 
 def test_the_sweep_summary_counts_the_whole_command(capsys, grid_dirs, monkeypatch):
