@@ -108,26 +108,26 @@ def classify(status: str, num_classes: int | None, losses: list[float], accs: li
         return Outcome(TRAINED, "")
     chance = math.log(num_classes)
     A = accs[-1] if accs else math.nan
+    # at chance: from CHANCE_ABS below ln C to ABOVE_CHANCE above it (beyond that: unstable), at chance accuracy
+    at_chance = chance - CHANCE_ABS <= L <= chance + ABOVE_CHANCE and not A > 1 / num_classes + CHANCE_ACC_MARGIN
+    fell = losses[-3] - L if len(losses) >= 3 else math.nan  # over the last two epochs
     p = probe() if L >= chance - CHANCE_ABS else None  # a network below chance depends on its input
     if p is not None and p.dead:
         layers = ", ".join(name.removesuffix(".norm") for name in p.dead)
         return Outcome(DEAD, f"{layers} ReLU inputs all <= 0 (epoch {p.epoch} probe)")
+    if p is None and at_chance and fell < FLAT:
+        return Outcome(DEAD, f"loss flat at chance ({fell:+.4f} over 2 epochs, no ReLU probe)")
     if L > chance + ABOVE_CHANCE:
         return Outcome(UNSTABLE, f"loss {L:.4f} above chance (ln {num_classes} = {chance:.4f})")
     best = min(losses[:-1], default=math.inf)
     if L - best > RISE:
         return Outcome(UNSTABLE, f"loss rose from {best:.4f} (epoch {losses.index(best) + 1}) to {L:.4f}")
-    # up to ABOVE_CHANCE above ln C is still at chance (beyond it: unstable, above), CHANCE_ABS below it
-    at_chance = L >= chance - CHANCE_ABS and not A > 1 / num_classes + CHANCE_ACC_MARGIN
     if not at_chance:
         return Outcome(TRAINED, "")
     if p is not None:
         return Outcome(AT_CHANCE, f"units active in all {p.layers} ReLU layers (epoch {p.epoch} probe)")
-    if len(losses) < 3:
+    if math.isnan(fell):
         return Outcome(AT_CHANCE, f"{len(losses)} epoch(s), no ReLU probe to tell more")
-    fell = losses[-3] - L
-    if fell < FLAT:
-        return Outcome(DEAD, f"loss flat at chance ({fell:+.4f} over 2 epochs, no ReLU probe)")
     return Outcome(AT_CHANCE, f"loss still falling ({fell:.4f} over 2 epochs, no ReLU probe)")
 
 

@@ -135,3 +135,12 @@ def test_legend_states_every_threshold():
         assert f"**{label_}**" in text
     for value in (O.CHANCE_ABS, O.CHANCE_ACC_MARGIN, O.ABOVE_CHANCE, O.RISE, O.FLAT):
         assert f"{value:g}" in text
+
+
+def test_the_rules_apply_in_the_legend_order():
+    """Without a probe, a loss that came down to 2.2 and then sat flat at chance is dead (the dead
+    rule comes before the rise rule), not unstable."""
+    o = O.classify("completed", 10, [2.25, 2.20, 2.3026, 2.3026, 2.3026], [0.2, 0.25, 0.1, 0.1, 0.1])
+    assert o.label == O.DEAD and "flat at chance" in o.why
+    labels = [line.split("**")[1] for line in O.legend()]
+    assert labels == [O.DIVERGED, O.DEAD, O.UNSTABLE, O.AT_CHANCE, O.TRAINED]
