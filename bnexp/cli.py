@@ -6,7 +6,9 @@ Every user mistake (BnexpError, a bad option) becomes one line on stderr and exi
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +18,8 @@ from typer.exceptions import TyperException
 
 from . import __version__
 from .errors import BnexpError
+
+STARTED = time.perf_counter()  # when this module was imported: the fallback of `elapsed`
 
 
 def _config_keys_help() -> str:
@@ -81,6 +85,12 @@ def train(
 
     args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)  # bad input is answered here, before torch is imported
+    from .tracking import check_writable, finished_run
+
+    check_writable(Path(cfg.results_dir))
+    if not force and (done := finished_run(Path(cfg.results_dir), config.run_id(cfg))) is not None:
+        typer.echo(summary_line(done))  # a finished run is answered without importing torch
+        return
     from . import train as T
 
     try:
@@ -161,23 +171,37 @@ def sweep(
             typer.echo(S.describe_grid(p, grids, max_runs))
             return
     plan = S.plan(overrides, preset=preset, quiet=parallel, max_runs=max_runs)
+    if dry_run:  # the configs are validated; device, data and model checks need torch and wait for the sweep
+        typer.echo(S.describe(plan, dry_run=True))
+        for p in plan.points:
+            typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
+        return
     S.check_inputs(plan)
     typer.echo(S.describe(plan))
     if note := S.oversubscription(plan, jobs, launcher.value):
         typer.echo(note, err=True)
-    if dry_run:
-        for p in plan.points:
-            typer.echo(f"  {p.run_id}  {' '.join(p.overrides)}")
-        return
 
     def progress(r, done, total):
         typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
 
     result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
                          wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
-    typer.echo(S.format_summary(result))
+    typer.echo(S.format_summary(result, elapsed()))
     if result.counts["failed"] or result.counts["busy"]:
         raise typer.Exit(1)
+
+
+def elapsed() -> float:
+    """Seconds since this process started (Linux: /proc, so Python's start-up and imports count too),
+    else since the CLI module was imported: what the sweep summary reports as the command's time."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - STARTED
 
 
 def crash_line(e: Exception) -> str:
@@ -253,13 +277,15 @@ class BenchName(str, Enum):
     report = "report"
     log = "log"
     measure = "measure"
+    cli = "cli"
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
-                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure")
+                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure\n  bnexp bench cli")
 def bench(
-    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; measure = the instruments' cost)."),
+    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; measure = the instruments' cost; "
+                                                      "cli = answer time of commands that train nothing)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "

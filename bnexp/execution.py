@@ -25,11 +25,10 @@ import os
 import platform
 from functools import lru_cache
 
-import torch
-import torch.nn.functional as F
-
 from .errors import BnexpError
-from .nn import functional as bn_functional
+
+# torch is imported inside the functions that use it: the sweep's planning, its summary and a
+# skipped run need only cpu_cores / resolve_threads / mismatch, and should not pay torch's import.
 
 # Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
 COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
@@ -65,6 +64,8 @@ def _cpu_name() -> str:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
@@ -82,6 +83,11 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
     the answer is final. No state of `model`, no random stream and no optimiser is touched.
     Returns None for a model without bnexp.nn layers (norm=torch or none).
     """
+    import torch
+    import torch.nn.functional as F
+
+    from .nn import functional as bn_functional
+
     if not uses_bnexp_norms(model):
         return None
     with bn_functional.use_backend(requested):
@@ -97,6 +103,8 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
 
 def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool) -> dict:
     """The execution settings of this process for a run, as written to run.json and the checkpoint."""
+    import torch
+
     cudnn = torch.backends.cudnn
     return {
         "device_type": device.type, "device_name": device_name(device), "threads": threads,
@@ -133,6 +141,10 @@ def mismatch(run_id: str, saved: dict | None, current: dict) -> BnexpError | Non
 @contextlib.contextmanager
 def applied(threads: int, bn_backend: str | None):
     """Run the block with `threads` intra-op threads and the pinned backend; restore both afterwards."""
+    import torch
+
+    from .nn import functional as bn_functional
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -97,17 +97,22 @@ def _setup_worker(gpus: list[str], slot: int) -> None:
 
 
 def _failed(cfg, message: str):
-    from .train import RunResult
+    from .tracking import RunResult
 
     rid = C.run_id(cfg)
     return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed", message=message)
 
 
 def run_point(cfg):
-    """train.run, with any exception turned into a 'failed' result so the sweep goes on."""
-    from . import train
+    """train.run, with any exception turned into a 'failed' result so the sweep goes on; a run that
+    already finished is answered from its run.json, without importing torch (a sweep's finished points)."""
+    from .tracking import finished_run
 
     try:
+        if (done := finished_run(Path(cfg.results_dir), C.run_id(cfg))) is not None:
+            return done
+        from . import train
+
         return train.run(cfg)
     except Exception as e:  # the run recorded the traceback in its error.log (if it got that far)
         return _failed(cfg, str(e) if isinstance(e, BnexpError) else f"{type(e).__name__}: {e}")

@@ -101,31 +101,47 @@ def load_preset(name: str) -> Preset:
 
 # ----------------------------------------------------------------------------- grid expansion
 
+_parser = None  # Hydra's override parser with a config loader, made once per process (see _override_parser)
+
+
+def _override_parser():
+    """Hydra's override parser, with a config loader so that `model=glob(*)` can list the group.
+
+    Made once: setting Hydra up costs ~20 ms (more on a busy CPU), and --list-presets parses the
+    grids of every preset. The loader only reads the config directory, so it stays valid after
+    Hydra's global state is cleared again (config.compose clears it for each composition)."""
+    global _parser
+    if _parser is None:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+                _parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        finally:
+            GlobalHydra.instance().clear()
+    return _parser
+
+
 def _parse(overrides: list[str]):
-    """Hydra's parser, with a config loader so that `model=glob(*)` can list the group."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Overrides -> Hydra's parsed Override objects; a malformed one is one line."""
     from hydra.errors import OverrideParseException
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            parsed = []
-            for o in overrides:
-                try:
-                    parsed += parser.parse_overrides([o])
-                except OverrideParseException as e:
-                    if (lexed := C.lexer_error(e)) is not None:
-                        raise lexed from None
-                    lines = str(e).splitlines()
-                    why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
-                    raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
-                                     f"key=range(start,stop[,step]) or key=choice(v1,v2,...)") from None
-            return parsed
-    finally:
-        GlobalHydra.instance().clear()
+    parser = _override_parser()
+    parsed = []
+    for o in overrides:
+        try:
+            parsed += parser.parse_overrides([o])
+        except OverrideParseException as e:
+            if (lexed := C.lexer_error(e)) is not None:
+                raise lexed from None
+            lines = str(e).splitlines()
+            why = lines[1].split(" expecting ")[0] if len(lines) > 1 else lines[0]
+            raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
+                             f"key=range(start,stop[,step]) or key=choice(v1,v2,...)") from None
+    return parsed
 
 
 def _count(o) -> int:
@@ -296,9 +312,10 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
     swept = set(axes)
     fixed = [o for o in grid[0] if o.split("=", 1)[0] not in swept] if grid else []
     points, seen, merged = [], set(), 0
+    compose = C.Composer()  # Hydra's config-file stage once per set of group choices, not once per point
     for i, point in enumerate(grid, start=1):
         try:
-            cfg = C.compose(point + (["progress=false"] if quiet else []))
+            cfg = compose(point + (["progress=false"] if quiet else []))
         except BnexpError as e:
             where = " ".join(o for o in point if o.split("=", 1)[0] in swept) or " ".join(point)
             raise BnexpError(f"{e} (grid point {i} of {len(grid)}: {where})") from None
@@ -313,12 +330,17 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
 
 
 def check_inputs(pl: Plan) -> None:
-    """What `bnexp train` would reject at start-up (device, data, sizes), for every point, before any run."""
+    """What `bnexp train` would reject at start-up (device, data, sizes), for every point that will
+    train, before any run. A finished point is skipped whatever its inputs (as `bnexp train` skips
+    it), so a sweep whose points are all finished needs neither torch nor the data."""
+    todo = [(i, p) for i, p in enumerate(pl.points, start=1) if not _is_finished(p)]
+    if not todo:
+        return
     import torch
 
     from . import data, train as T  # torch: not needed to plan, list or refuse a grid
     data_sizes: dict[tuple, tuple[int, int]] = {}  # each data source is read once for the whole grid
-    for i, p in enumerate(pl.points, start=1):
+    for i, p in todo:
         cfg = p.cfg
         try:
             T.use_graphs(cfg, T.resolve_device(cfg.device))
@@ -356,8 +378,9 @@ def describe_grid(p: Preset, grids: list[Grid], max_runs: int = MAX_RUNS) -> str
     return "\n".join(lines)
 
 
-def describe(pl: Plan) -> str:
-    """What will run: the number of runs, the grid axes, the fixed overrides."""
+def describe(pl: Plan, dry_run: bool = False) -> str:
+    """What will run: the number of runs, the grid axes, the fixed overrides; for a dry run, how many
+    are finished already and what was not checked."""
     grid = " x ".join(f"{k}={_values_text(v)}" for k, v in pl.axes.items()) or "a single point"
     if pl.arms:  # a union of grids: say which
         own = {o.split("=", 1)[0] for arm in pl.arms for o in arm.split()}
@@ -370,6 +393,10 @@ def describe(pl: Plan) -> str:
     if pl.merged:
         lines.append(f"  {pl.merged} grid point(s) describe a run already in the grid and were merged")
     lines.append(f"  results: {', '.join(str(Path(d) / 'runs') for d in dirs)}")
+    if dry_run:
+        done = sum(_is_finished(p) for p in pl.points)
+        lines.append(f"  dry run: every config validated; {done} of {len(pl.points)} runs finished already (the "
+                     f"sweep skips them); device, data and model fit are checked when the sweep starts")
     return "\n".join(lines)
 
 
@@ -497,37 +524,67 @@ def _wait_free(pl: Plan, indices: list[int], poll: float, deadline: float | None
 
 
 def _busy(p: Point, holder: str):
-    from .train import RunResult
+    from .tracking import RunResult
 
     return RunResult(p.run_id, _run_dir(p).path, "busy", message=f"gave up waiting: still held by {holder}")
 
 
 # ----------------------------------------------------------------------------- summary
 
-def summary_table(res: SweepResult):
-    """pandas DataFrame, one row per run: the swept axes, status, final metrics, recorded time."""
-    import pandas as pd
+NOTE_WIDTH = 72  # characters of a run's note in the summary table
 
-    from .tracking import RunDir
 
+def summary_rows(res: SweepResult) -> list[dict]:
+    """One dict per run: the swept axes, status, epochs, final metrics, recorded time, note."""
+    from .outcome import classify_run
+    from .reference import load_reference
+    from .tracking import FINISHED, RunDir
+
+    num_classes = load_reference().num_classes
     rows = []
     for p, r in zip(res.plan.points, res.results):
         values = dict(o.partition("=")[::2] for o in p.overrides)
-        info = RunDir(Path(p.results_dir), p.run_id).read_info() or {}
+        rd = RunDir(Path(p.results_dir), p.run_id)
+        info = rd.read_info() or {}
         final = r.final or {}
-        note = r.message if r.status in ("failed", "skipped", "busy") else ""
+        note = r.message if r.status in ("failed", "busy") else ""
+        if info.get("status") in FINISHED and r.status in (*FINISHED, "skipped"):  # how it ended (outcome.py)
+            note = classify_run(rd.path, info["status"], num_classes.get(p.cfg.data.name), p.cfg.model.activation,
+                                p.cfg.model.norm_position, info.get("final")).text()
         if r.status == "diverged" and r.extra.get("diverged_at"):
-            note = f"non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
+            note = f"diverged: non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
         rows.append({**{k: values.get(k) for k in res.plan.axes}, "status": r.status,
                      "epochs": f"{r.epochs_completed}/{p.cfg.epochs}",
                      **{k: final.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
                      "seconds": (info.get("seconds") or {}).get("total", r.seconds or None),
-                     "note": note[:60]})
-    return pd.DataFrame(rows)
+                     "note": note[:NOTE_WIDTH]})
+    return rows
 
 
-def format_summary(res: SweepResult) -> str:
-    df = summary_table(res)
-    table = df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")
+def _text_table(rows: list[dict]) -> str:
+    """Rows of equal keys as aligned text: numbers right-aligned with 4 decimals, text left, '-' for none.
+    (Plain Python: pandas would cost the summary of an all-skipped sweep more than the sweep itself.)"""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r[c]) for c in cols] for r in rows]
+    numeric = [all(isinstance(r[c], (int, float)) or r[c] is None for r in rows) for c in cols]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+    fmt = [(str.rjust if num else str.ljust) for num in numeric]
+    lines = [" ".join(f(c, w) for f, c, w in zip(fmt, cols, widths))]
+    lines += [" ".join(f(v, w) for f, v, w in zip(fmt, row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_summary(res: SweepResult, seconds: float | None = None) -> str:
+    """The table and a count line; `seconds` is the whole command's wall time (planning, checks and
+    skipped runs included), else the time spent running the points."""
     counts = ", ".join(f"{n} {s}" for s, n in res.counts.items())
-    return f"{table}\n{len(res.results)} runs in {res.seconds:.1f}s: {counts}"
+    took = res.seconds if seconds is None else seconds
+    return f"{_text_table(summary_rows(res))}\n{len(res.results)} runs in {took:.1f}s: {counts}"

@@ -20,11 +20,10 @@ import re
 import secrets
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from . import __version__
@@ -38,6 +37,21 @@ EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval
 PRECISE_COLUMNS = ("epoch", "test_loss", "test_acc", "batches")  # precise.csv: precise_bn evaluations (bnexp/precise.py)
 MEASURE_COLUMNS = MF.HEADER  # measures.csv (bnexp/measures_format.py)
 FINISHED = ("completed", "diverged")
+# numpy and torch are imported where a run's arrays and checkpoint are read or written: whether a run
+# is finished (a skipped `bnexp train`, a sweep's finished points) is answered without them.
+
+
+@dataclass
+class RunResult:
+    """What happened to one run; `status` adds 'skipped' and 'busy' to the run.json statuses."""
+    run_id: str
+    path: Path
+    status: str
+    final: dict | None = None
+    seconds: float = 0.0
+    message: str = ""
+    epochs_completed: int = 0
+    extra: dict = field(default_factory=dict)
 
 
 def reason(e: BaseException) -> str:
@@ -116,6 +130,7 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
+    import torch
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -131,6 +146,22 @@ def check_writable(results_dir: Path) -> None:
     except OSError as e:
         raise BnexpError(f"results_dir '{results_dir}' is not writable ({e.strerror}); "
                          f"pass results_dir=<a writable directory>") from None
+
+
+def skipped_result(rd: "RunDir", info: dict | None = None) -> RunResult:
+    """The 'skipped' result of a finished run, from its run.json alone."""
+    info = rd.read_info() if info is None else info
+    final = info.get("final") if isinstance(info.get("final"), dict) else None  # a hand-edited run.json
+    return RunResult(rd.run_id, rd.path, "skipped", final, message=f"already {info['status']}",
+                     epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
+
+
+def finished_run(results_dir: Path, run_id: str) -> RunResult | None:
+    """The 'skipped' result of this run if it already finished (run.json says completed or diverged),
+    else None. Needs no torch: `bnexp train` and a sweep answer a finished run without importing it."""
+    rd = RunDir(Path(results_dir), run_id)
+    info = rd.read_info()
+    return skipped_result(rd, info) if info and info.get("status") in FINISHED else None
 
 
 class RunDir:
@@ -223,12 +254,16 @@ class RunDir:
         atomic_write_text(self.path / "steps.csv", "step,epoch,loss\n" + "".join(lines))
 
     def write_activations(self, samples: dict[str, np.ndarray]) -> None:
+        import numpy as np
+
         buf = io.BytesIO()
         np.savez(buf, **samples)  # not compressed: float samples shrink ~10% and cost 10x the time
         atomic_write_bytes(self.path / "activations.npz", buf.getvalue())
 
     def read_activations(self) -> dict[str, np.ndarray]:
         """{"e<epoch>/<layer>/<where>": samples}; {} if the file is missing or damaged."""
+        import numpy as np
+
         path = self.path / "activations.npz"
         if not path.exists():
             return {}
@@ -249,12 +284,16 @@ class RunDir:
         return self.path / "checkpoint.pt"
 
     def save_checkpoint(self, state: dict) -> None:
+        import torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.checkpoint_path, buf.getvalue())
 
     def load_checkpoint(self) -> dict | None:
         """The checkpoint's dict; None if there is none or it is damaged (it only caches progress)."""
+        import torch
+
         if not self.checkpoint_path.exists():
             return None
         try:

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,23 +25,10 @@ from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
-from .tracking import (FINISHED, RunDir, atomic_write_text, check_writable, git_commit, now_iso, reason,
-                       versions)
+from .tracking import (FINISHED, RunDir, RunResult, atomic_write_text, check_writable, git_commit, now_iso,
+                       reason, skipped_result, versions)
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
-
-
-@dataclass
-class RunResult:
-    """What happened to one run; `status` adds 'skipped' and 'busy' to the run.json statuses."""
-    run_id: str
-    path: Path
-    status: str
-    final: dict | None = None
-    seconds: float = 0.0
-    message: str = ""
-    epochs_completed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -426,26 +413,19 @@ def run(cfg, force: bool = False) -> RunResult:
     check_writable(results_dir)
     rd = RunDir(results_dir, C.run_id(cfg))
     if not force and rd.status() in FINISHED:
-        return _skipped(rd)
+        return skipped_result(rd)
     s = prepare(cfg)  # bad input fails here, before the run directory is touched
     if not rd.acquire():
         return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
     try:
         if not force and rd.status() in FINISHED:  # another process finished it while we prepared
-            return _skipped(rd)
+            return skipped_result(rd)
         if force:
             rd.clear()
         with execution.applied(s.threads, s.bn_backend):
             return _train(cfg, rd, s)
     finally:
         rd.release()
-
-
-def _skipped(rd: RunDir) -> RunResult:
-    info = rd.read_info()
-    final = info.get("final") if isinstance(info.get("final"), dict) else None  # a hand-edited run.json
-    return RunResult(rd.run_id, rd.path, "skipped", final, message=f"already {info['status']}",
-                     epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
 
 
 def _probe(s: Setup, state: dict, probe_x, epoch: int, step: int, samples: dict, tb) -> None:

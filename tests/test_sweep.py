@@ -275,3 +275,22 @@ def test_data_problems_stop_the_sweep_before_any_run(synth_data_dir, tmp_path, c
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "(grid point " in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_summary_notes_are_the_outcome_labels_of_real_runs(capsys, base):
+    """A real tiny sweep: each finished run's note is bnexp.outcome's label of its directory, and a
+    run whose loss blew up says diverged; a rerun (all skipped) says the same."""
+    from bnexp.outcome import LABELS, classify_run
+
+    pl = S.plan(base + ["bn=on,off", "lr=0.1,1000000"])
+    res = S.run_sweep(pl)
+    rows = S.summary_rows(res)
+    assert {r.status for r in res.results} == {"completed", "diverged"}
+    for p, r, row in zip(pl.points, res.results, rows):
+        if r.status == "diverged":
+            assert row["note"].startswith("diverged: non-finite loss at epoch 1")
+        else:
+            assert row["note"] == classify_run(Path(r.path), "completed", 10).text()[:S.NOTE_WIDTH]
+        assert row["note"].split(":")[0] in LABELS
+    again = S.summary_rows(S.run_sweep(pl))
+    assert [r["note"].split(":")[0] for r in again] == [r["note"].split(":")[0] for r in rows]

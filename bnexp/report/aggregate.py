@@ -1,4 +1,4 @@
-"""Run outcomes (trained / dead / diverged), seed groups with mean +- std (n), BN vs no-BN pairs.
+"""Run outcomes (bnexp.outcome's labels), seed groups with mean +- std (n), BN vs no-BN pairs.
 
 A group is every aggregated run (completed or diverged) that shares its config except the keys
 in load.NOT_DEFINING (the seed above all). Means and stds are over the seeds that did not
@@ -12,10 +12,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from bnexp import outcome as O
 from bnexp.report.load import AGGREGATED, FINAL_METRICS, NOT_DEFINING, Runs, same_value
 
 METRICS = (*FINAL_METRICS, "epoch1_train_loss")
-OUTCOMES = ("dead", "diverged", "trained")
+OUTCOMES = O.LABELS
 # Columns that name a group in tables (config key, short header); the rest go to "other".
 MAIN_KEYS = (("model.name", "model"), ("data.name", "data"), ("norm.kind", "norm"),
              ("optim.name", "optim"), ("lr", "lr"), ("batch_size", "batch"), ("epochs", "epochs"))
@@ -23,16 +24,33 @@ ARM_KEYS = ("bn", "norm.kind", "norm.eps", "norm.momentum", "norm.biased_running
 AUTO_DROPOUT = {"on": (None, 0.0), "off": (None, 0.5)}   # model.dropout null = 0.5 off / none on
 
 
-def classify(runs: pd.DataFrame, num_classes: dict[str, int], dead: dict[str, float]) -> pd.Series:
-    """Per-run outcome: running/failed (as status), diverged (status or non-finite final loss),
-    dead (chance-level loss and accuracy, tolerances `dead` of reference.yaml) or trained."""
-    C = runs["data.name"].map(lambda d: num_classes.get(d, np.nan)).astype(float)
-    loss, acc = runs["train_loss"].astype(float), runs["train_acc"].astype(float)
-    diverged = (runs["status"] == "diverged") | ~np.isfinite(loss)
-    dead = ((loss - np.log(C)).abs() <= dead["abs"]) & ~(acc > 1 / C + dead["acc_margin"])
-    out = np.where(diverged, "diverged", np.where(dead, "dead", "trained"))
-    out = np.where(runs["status"].isin(AGGREGATED), out, runs["status"])
-    return pd.Series(out, index=runs.index, name="outcome")
+def classify(runs: Runs, num_classes: dict[str, int]) -> pd.DataFrame:
+    """Per run: `outcome` (bnexp.outcome's label for completed and diverged runs, else the status:
+    running / interrupted / failed) and `outcome_why` (its evidence in a few words)."""
+    df = runs.runs
+    by_run = {r: e.sort_values("epoch") for r, e in runs.epochs.groupby("run_id", observed=True)}
+    labels, whys = [], []
+    for _, r in df.iterrows():
+        if r["status"] not in AGGREGATED:
+            labels.append(r["status"])
+            whys.append("")
+            continue
+        e = by_run.get(r["run_id"])
+        losses = e["train_loss"].tolist() if e is not None and len(e) else [r["train_loss"]]
+        accs = e["train_acc"].tolist() if e is not None and len(e) else [r["train_acc"]]
+        losses[-1], accs[-1] = float(r["train_loss"]), float(r["train_acc"])  # run.json's final numbers
+        activation, position = r.get("model.activation"), r.get("model.norm_position")
+        probe = (lambda d=r["dir"], a=activation, p=position: O.relu_probe(d, _text(a), _text(p))) \
+            if r.get("has_activations", False) else (lambda: None)
+        o = O.classify(r["status"], num_classes.get(r["data.name"]), losses, accs, probe)
+        labels.append(o.label)
+        whys.append(o.why)
+    return pd.DataFrame({"outcome": labels, "outcome_why": whys}, index=df.index)
+
+
+def _text(v) -> str | None:
+    """A config value that may be missing (NaN in the runs table: a run made before the key existed)."""
+    return v if isinstance(v, str) else None
 
 
 def outcome_summary(outcomes: list[str]) -> str:
@@ -47,9 +65,10 @@ def defining_keys(config_keys: list[str]) -> list[str]:
     return [k for k in config_keys if k not in NOT_DEFINING]
 
 
-def aggregate(runs: Runs, num_classes: dict[str, int], dead: dict[str, float]) -> pd.DataFrame:
-    """One row per group: config, group id (G1..), n_runs, seeds, outcomes, mean/std/n per metric."""
-    df = runs.runs.assign(outcome=classify(runs.runs, num_classes, dead))
+def aggregate(runs: Runs, num_classes: dict[str, int], outcomes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per group: config, group id (G1..), n_runs, seeds, outcomes, mean/std/n per metric.
+    `outcomes` is classify's table when the caller already has it (it reads probes from disk)."""
+    df = runs.runs.join(classify(runs, num_classes) if outcomes is None else outcomes)
     df = df[df["status"].isin(AGGREGATED)]
     # Runs of one group that share a seed differ only in how they ran or were observed (device, threads,
     # instruments): one experiment, counted once (the first by run id), so n and std count seeds.
@@ -69,7 +88,7 @@ def aggregate(runs: Runs, num_classes: dict[str, int], dead: dict[str, float]) -
     out["seeds"] = by["seed"].agg(lambda s: " ".join(str(x) for x in sorted(s))) if "seed" in df else ""
     out["outcome"] = by["outcome"].agg(lambda s: outcome_summary(list(s)))
     for o in OUTCOMES:
-        out[f"n_{o}"] = by["outcome"].agg(lambda s, o=o: int((s == o).sum()))
+        out[count_column(o)] = by["outcome"].agg(lambda s, o=o: int((s == o).sum()))
     out = out.reset_index()
     sort = [k for k, _ in MAIN_KEYS if k in out] + ["bn"] * ("bn" in out)
     out = out.sort_values(sort, kind="stable", na_position="first").reset_index(drop=True)
@@ -77,10 +96,15 @@ def aggregate(runs: Runs, num_classes: dict[str, int], dead: dict[str, float]) -
     return out
 
 
-def with_outcomes(runs: Runs, groups: pd.DataFrame, num_classes: dict[str, int], dead: dict[str, float]) -> pd.DataFrame:
-    """The runs table with `outcome` and `group` (G-id, empty for running/failed) columns."""
+def count_column(label: str) -> str:
+    """The groups table's column counting a label's seeds: n_dead, n_at_chance_so_far, ..."""
+    return "n_" + label.replace(" ", "_")
+
+
+def with_outcomes(runs: Runs, groups: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
+    """The runs table with `outcome`, `outcome_why` (classify's) and `group` (G-id, empty for running/failed)."""
     ids = dict(zip(groups["group_key"], groups["group"]))
-    df = runs.runs.assign(outcome=classify(runs.runs, num_classes, dead))
+    df = runs.runs.join(outcomes)
     return df.assign(group=[ids.get(k, "") for k in df["group_key"]])
 
 

@@ -21,7 +21,8 @@ from bnexp.reference import ReferenceData, load_reference
 from bnexp.report import aggregate as agg
 from bnexp.report import claims as CL
 from bnexp.report import render as R
-from bnexp.report.compare import compare, dead_text, verdict_counts
+from bnexp.outcome import legend as outcome_legend
+from bnexp.report.compare import compare, verdict_counts
 from bnexp.report.figure_plan import FigureInfo, draw_all
 from bnexp.report.load import FINAL_METRICS, STATUSES, Runs, apply_where, load_runs, parse_scalar
 from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, reference_blocks,
@@ -91,11 +92,11 @@ class Analysis:
 def analyse(results_dir: Path, where: list[str]) -> Analysis:
     """Read, filter, group and compare; raises BnexpError when there is nothing to report."""
     refdata = load_reference()
-    dead = refdata.tolerances["dead"]
     runs = apply_where(load_runs(results_dir), where)
     keys = agg.defining_keys(runs.config_keys)
-    groups = agg.aggregate(runs, refdata.num_classes, dead)
-    runs_tab = agg.with_outcomes(runs, groups, refdata.num_classes, dead)
+    outcomes = agg.classify(runs, refdata.num_classes)
+    groups = agg.aggregate(runs, refdata.num_classes, outcomes)
+    runs_tab = agg.with_outcomes(runs, groups, outcomes)
     ledger = CL.load_claims(sources=refdata.sources)
     return Analysis(runs, refdata, keys, groups, runs_tab, agg.varying_keys(groups, keys), agg.bn_pairs(groups, keys),
                     compare(groups, refdata), runs.runs["status"].value_counts().to_dict(), ledger,
@@ -243,8 +244,11 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
         "reference numbers: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
         f"{len(pairs)} BN vs no-BN pairs; BN has the lower final training loss in "
         f"{int((pairs['train_loss_delta'] < 0).sum()) if len(pairs) else 0} of them",
-        f"{len(figs)} figures; outcomes: {dead_text(refdata.tolerances['dead'])}; diverged = non-finite loss "
-        f"(status diverged)"])]
+        f"{len(figs)} figures"]),
+          R.Heading("Outcome labels", 3),
+          R.Text("Each completed or diverged run gets one label (bnexp/outcome.py; C = number of classes, losses "
+                 "and accuracies are the last epoch's training ones), tried in this order:"),
+          R.Bullets(outcome_legend())]
     b += [R.Heading("Experiments"), R.Table(_coverage(figs, ref_table, groups)), R.Text(COVERAGE_RULE)]
     b += [R.Heading("Reference comparison"), *reference_blocks(ref_table, refdata)]
     shared = agg.other_text(groups.iloc[0], [k for k in keys if k not in other and k not in main]) \

@@ -11,7 +11,9 @@ import math
 import numpy as np
 import pandas as pd
 
+from bnexp import outcome as O
 from bnexp.reference import Reference, ReferenceData
+from bnexp.report.aggregate import count_column
 from bnexp.report.load import matches
 
 COLUMNS = ["set", "label", "source", "metric", "metric_text", "quality", "ref_value", "ref_low", "ref_high",
@@ -22,20 +24,15 @@ COLUMNS = ["set", "label", "source", "metric", "metric_text", "quality", "ref_va
 def tolerance_text(refdata: ReferenceData) -> list[str]:
     """The tolerances as sentences, printed in the report above the comparison table."""
     t = refdata.tolerances
-    lo, acc, dead = t["loss"], t["accuracy"], t["dead"]
+    lo, acc = t["loss"], t["accuracy"]
     return [
         f"loss: |ours - reference| <= max({lo['abs']:g} absolute, {lo['rel']:.0%} of the reference), "
         f"or <= {lo['std_factor']:g} std of our seeds (n >= 2)",
         f"accuracy: |ours - reference| <= {acc['abs']:g} absolute, or <= {acc['std_factor']:g} std (n >= 2)",
-        "dead (chance-level) references compare by outcome: " + dead_text(dead),
+        f"a reference marked dead compares by outcome: reproduced when every seed of the group is {O.DEAD} "
+        "(see Outcome labels above), partly when some are",
         "a reference given as several printed values is matched against their [min, max] range",
     ]
-
-
-def dead_text(dead: dict[str, float]) -> str:
-    return (f"a run is dead when its final training loss is within {dead['abs']:g} of ln(number of classes) "
-            f"(ln 10 = 2.303 for FashionMNIST) and its final training accuracy is at most chance + "
-            f"{dead['acc_margin']:g}")
 
 
 def _tolerance(ref: Reference, refdata: ReferenceData) -> float:
@@ -69,12 +66,13 @@ def _value_verdict(ref: Reference, mean: float, std: float, n: int, tol: float, 
 
 
 def _dead_verdict(group: pd.Series) -> str:
-    n_dead, n = int(group["n_dead"]), int(group["n_runs"])
+    """A dead reference: how many of the group's seeds are dead (bnexp.outcome), and what the others are."""
+    n_dead, n = int(group[count_column(O.DEAD)]), int(group["n_runs"])
     if n_dead == n:
         return "reproduced"
     if n_dead == 0:
-        return "not reproduced: trained"
-    return f"partly reproduced: dead in {n_dead} of {n} seeds"
+        return f"not reproduced: {group['outcome']}"
+    return f"partly reproduced: {group['outcome']}"
 
 
 def compare(groups: pd.DataFrame, refdata: ReferenceData) -> pd.DataFrame:
@@ -96,7 +94,7 @@ def compare(groups: pd.DataFrame, refdata: ReferenceData) -> pd.DataFrame:
         tol, k = _tolerance(ref, refdata), _std_factor(ref, refdata)
         for _, g in found.iterrows():
             mean, std, n = g[f"{ref.metric}_mean"], g[f"{ref.metric}_std"], int(g[f"{ref.metric}_n"])
-            if ref.outcome == "dead":
+            if ref.outcome == O.DEAD:
                 diff, verdict = (mean - lo if n else math.nan), _dead_verdict(g)
             else:
                 diff, verdict = _value_verdict(ref, mean, std, n, tol, k)
@@ -104,7 +102,7 @@ def compare(groups: pd.DataFrame, refdata: ReferenceData) -> pd.DataFrame:
                 verdict += " (approximate match)"
             rows.append({**base, "group": g["group"], "mean": mean, "std": std, "n": n,
                          "n_runs": int(g["n_runs"]), "outcome": g["outcome"], "diff": diff,
-                         "tolerance": np.nan if ref.outcome == "dead" else tol, "verdict": verdict})
+                         "tolerance": np.nan if ref.outcome == O.DEAD else tol, "verdict": verdict})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

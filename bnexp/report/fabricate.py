@@ -4,6 +4,8 @@
 run.json, metrics.csv, steps.csv and activations.npz without training: the metric curves decay
 smoothly from chance level to the requested final values, so every figure has something to draw.
 With `measure=[...]` (instrument names) it writes measures.csv too, in bnexp.measures_format.
+A run fabricated at chance level is a dead one unless `alive=True`: like the real dead runs, its
+last probe has a layer (conv1) whose ReLU inputs are all <= 0 (bnexp.outcome's evidence).
 """
 from __future__ import annotations
 
@@ -74,14 +76,15 @@ def _curve(start: float, end: float, n: int, k: float = 3.0) -> np.ndarray:
 def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str = "completed",
              train_loss: float = 0.3, train_acc: float | None = None, test_loss: float = 0.35, test_acc: float = 0.88,
              steps_per_epoch: int = 10, epochs_done: int | None = None, diverged_epoch: int | None = None,
-             activations: bool = True, act_samples: int = 2000, **keys: Any) -> Path:
+             activations: bool = True, act_samples: int = 2000, alive: bool | None = None, **keys: Any) -> Path:
     """Write one run directory under root/runs/ and return it. Config keys come as `config`
     (dotted) or keywords (`lr=0.5`, even `results_dir=`). `epochs_done` < epochs for running/failed runs;
     `diverged_epoch` makes the loss non-finite from that epoch on (status diverged)."""
     cfg = make_config(config, **keys)
     E, C = int(cfg["epochs"]), NUM_CLASSES.get(cfg["data"]["name"], 10)
+    at_chance = abs(train_loss - math.log(C)) < 0.1
     if train_acc is None:       # chance-level accuracy for a chance-level loss (a dead run), else 0.9
-        train_acc = 1 / C if abs(train_loss - math.log(C)) < 0.1 else 0.9
+        train_acc = 1 / C if at_chance else 0.9
     rng = np.random.default_rng(int(run_id(cfg)[-8:], 16))
     path = Path(root) / "runs" / run_id(cfg)
     path.mkdir(parents=True, exist_ok=True)
@@ -124,12 +127,14 @@ def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str
     if cfg.get("measure") and n_steps:
         write_measures(path, cfg, n_steps, rng)
     if activations and done:
-        _write_activations(path, cfg, sorted({0, 1, done}), act_samples, rng)   # 0: the probe at init
+        dead = (at_chance and train_acc <= 1 / C + 0.05) if alive is None else not alive  # a dead net predicts one class
+        _write_activations(path, cfg, sorted({0, 1, done}), act_samples, rng, dead)   # 0: the probe at init
     return path
 
 
-def _write_activations(path: Path, cfg: dict, epochs: list[int], n: int, rng) -> None:
-    """BN on: input drifts, output ~ N(0,1); BN off: input == output, drifting with the epoch."""
+def _write_activations(path: Path, cfg: dict, epochs: list[int], n: int, rng, dead: bool = False) -> None:
+    """BN on: input drifts, output ~ N(0,1); BN off: input == output, drifting with the epoch. `dead`:
+    in the last epoch the first layer's output (the ReLU's input) is all <= 0, as in a dead real run."""
     arrays = {}
     for i, layer in enumerate(LAYERS.get(cfg["model"]["name"], LAYERS["lenet5"])):
         for e in epochs:
@@ -140,6 +145,10 @@ def _write_activations(path: Path, cfg: dict, epochs: list[int], n: int, rng) ->
                 arrays[f"e{e}/{layer}/output"] = rng.standard_normal(n).astype(np.float32)
             else:
                 arrays[f"e{e}/{layer}/output"] = x
+            if dead and i == 0 and e == epochs[-1]:
+                arrays[f"e{e}/{layer}/output"] = -np.abs(arrays[f"e{e}/{layer}/output"]) - 0.01
+                if cfg["bn"] != "on":
+                    arrays[f"e{e}/{layer}/input"] = arrays[f"e{e}/{layer}/output"]
     np.savez(path / "activations.npz", **arrays)
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from bnexp.report import fig_measures as FM
 from bnexp.report import measures as M
 from bnexp.report.aggregate import context_key, fmt_value
-from bnexp.report.figures import (binned_steps, epoch_stats, fig_activations, fig_generalization, fig_ioffe,
+from bnexp.report.figures import (SEED_SHAPES, binned_steps, epoch_stats, fig_activations, fig_generalization, fig_ioffe,
                                   fig_loss, fig_sweep, read_activations, read_evals)
 
 MAX_FIGURES = {"loss": 2, "lr": 2, "batch": 2, "activations": 1, "generalization": 2, "ioffe": 1,  # ~0.1 s CPU
@@ -217,8 +217,8 @@ def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame,
         def make(i, ctx):
             title = context_label(ctx.iloc[0], (x_key,), other)
             return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
-                    f"filled markers with bars: mean ± std over seeds; small hollow circles just right of them: "
-                    f"each seed; "
+                    f"filled markers with bars: mean ± std over seeds; small hollow markers just right of them: "
+                    f"each seed, shaped by its outcome label ({SEED_SHAPES}); "
                     f"crosses at the top: diverged seeds; {title}.", fig_sweep,
                     (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
                      f"{xlabel.capitalize()} sweep: {title}",

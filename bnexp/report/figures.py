@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bnexp import outcome as O
 from bnexp.report.aggregate import fmt_value
 
 
@@ -56,6 +57,9 @@ def _new(panel_w: float, panel_h: float, nrows: int, ncols: int, wspace: float =
 
 
 TITLE_LINE = 0.2                           # inches per title line (11 pt)
+# a seed's marker in figures 2 and 3 by its outcome (diverged seeds: a cross at the top edge)
+SEED_MARKERS = {O.TRAINED: "o", O.AT_CHANCE: "s", O.UNSTABLE: "^", O.DEAD: "v"}
+SEED_SHAPES = f"circle {O.TRAINED}, square {O.AT_CHANCE}, triangle up {O.UNSTABLE}, triangle down {O.DEAD}"  # captions
 LEGEND_ROW = 0.2                           # inches per legend row (8 pt)
 
 
@@ -269,8 +273,8 @@ def fig_generalization(ctx: pd.DataFrame, ep: pd.DataFrame, num_classes: dict, t
 
 def fig_sweep(ctx: pd.DataFrame, runs: pd.DataFrame, x_key: str, xlabel: str, log_base: int,
               num_classes: dict, title: str, path: Path) -> Path:
-    """Final training loss and test accuracy vs `x_key`: mean +- std per BN arm, dots per seed,
-    crosses at the top for diverged seeds."""
+    """Final training loss and test accuracy vs `x_key`: mean +- std per BN arm, hollow markers per
+    seed (shaped by its outcome label), crosses at the top for diverged seeds."""
     fig, axs = _new(4.6, 3.2, 1, 2, wspace=0.3)
     C = _chance(ctx, num_classes)
     panels = (("train_loss", "final training loss"), ("test_acc", "final test accuracy"))
@@ -284,15 +288,20 @@ def fig_sweep(ctx: pd.DataFrame, runs: pd.DataFrame, x_key: str, xlabel: str, lo
             ax.errorbar(s[x_key], s[f"{metric}_mean"], yerr=s[f"{metric}_std"].fillna(0), marker="o", ms=6,
                         capsize=3, lw=1.5, zorder=3, color=st["color"], label=f"{st['label']} mean ± std")
             r = runs[runs["group"].isin(s["group"])]
-            ok, div = r[r["outcome"] != "diverged"], r[r["outcome"] == "diverged"]
-            # seeds: small hollow circles just right of the mean, spread apart (a factor on the log axis)
+            ok, div = r[r["outcome"] != O.DIVERGED], r[r["outcome"] == O.DIVERGED]
+            # seeds: small hollow markers just right of the mean, spread apart (a factor on the log axis);
+            # the marker says the seed's outcome (bnexp.outcome) where it is not "trained"
             k = ok.groupby(x_key).cumcount() - 0.5 * (ok.groupby(x_key)[x_key].transform("size") - 1)
             jitter = 10 ** (span * (SEED_OFFSET + SEED_SPREAD * k))
-            ax.scatter(ok[x_key] * jitter, ok[metric], s=14, facecolors="none", edgecolors=st["color"], lw=0.9,
-                       zorder=4, label=f"{st['label']} each seed")
+            for label, mark in SEED_MARKERS.items():
+                sel = (ok["outcome"] == label).to_numpy()
+                if sel.any():
+                    name = f"{st['label']} each seed" if label == O.TRAINED else f"{label} seed"
+                    ax.scatter(ok[x_key][sel] * jitter[sel], ok[metric][sel], s=14 if label == O.TRAINED else 26,
+                               marker=mark, facecolors="none", edgecolors=st["color"], lw=0.9, zorder=4, label=name)
             if len(div):
                 ax.scatter(div[x_key], np.full(len(div), 0.96), transform=ax.get_xaxis_transform(),
-                           marker="x", s=30, color=st["color"], label="diverged seed")
+                           marker="x", s=30, color=st["color"], label=f"{O.DIVERGED} seed")
         ax.set_xscale("log", base=log_base)
         ax.set_xticks(xs, [fmt_value(x) for x in xs])
         ax.minorticks_off()

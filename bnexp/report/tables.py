@@ -106,5 +106,6 @@ def split_display(runs_tab: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     r = runs_tab[runs_tab["group"].isin(split["group"])].sort_values(["group", "seed"])
     return pd.DataFrame({"group": r["group"], "group outcome": r["group"].map(dict(zip(split["group"],
                          split["outcome"]))), "seed": r["seed"].map(agg.fmt_value), "outcome": r["outcome"],
+                         "evidence": r["outcome_why"],
                          "train loss": r["train_loss"].map(fmt_cell), "test acc": r["test_acc"].map(fmt_cell),
                          "run": r["run_id"]})
