@@ -277,12 +277,13 @@ def _text(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _label(ctx: pd.DataFrame, keys: list[str], skip: set[str]) -> str:
-    """What distinguishes a context to a reader: the few keys that usually vary (lr, batch, size)."""
+USUAL = ("lr", "batch_size", "epochs", "train_size")   # shown for every context (train_size when set)
+
+
+def _label(ctx: pd.DataFrame, shown: list[str]) -> str:
+    """What distinguishes a context to a reader: the usual keys and those that vary between the contexts."""
     row = ctx.iloc[0]
-    shown = [k for k in ("lr", "batch_size", "epochs", "train_size") if k in keys and k not in skip
-             and not (k == "train_size" and _text(row[k]) == "null")]
-    return ", ".join(f"{k}={_text(row[k])}" for k in shown)
+    return ", ".join(f"{k}={_text(row[k])}" for k in shown if not (k == "train_size" and _text(row[k]) == "null"))
 
 
 def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds: int,
@@ -312,10 +313,13 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     sel = sel.assign(_ctx=ctx_key).sort_values(["_missing", "run_id"], kind="stable")
     sel = sel.drop_duplicates(["_ctx", "_arm", "seed", *([st.over] if st.over else []), *sorted(st.arm_keys & set(sel))])
     ctx_key = sel["_ctx"]
+    complete = sel.groupby("_ctx")["_arm"].transform("nunique") == len(st.arms)   # contexts with every arm
+    varying = [k for k in keys if k not in skip and k not in USUAL and sel.loc[complete, k].map(_text).nunique() > 1]
+    shown = [k for k in (*USUAL, *varying) if k in keys and k not in skip]
     result = SettingResult(st, "not run")
     short = []
     for _, ctx in sel.groupby(ctx_key, sort=False):
-        line, held = _evaluate_context(st, ctx, keys, skip, min_seeds, separation)
+        line, held = _evaluate_context(st, ctx, _label(ctx, shown), min_seeds, separation)
         if held is None:
             short.append(line)
         else:
@@ -330,10 +334,9 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     return result
 
 
-def _evaluate_context(st: Setting, ctx: pd.DataFrame, keys, skip, min_seeds: int, separation: float
+def _evaluate_context(st: Setting, ctx: pd.DataFrame, label: str, min_seeds: int, separation: float
                       ) -> tuple[str, bool | None]:
     """(evidence line, whether the test holds, or None when an arm has fewer than min_seeds seeds)."""
-    label = _label(ctx, keys, skip)
     where = f"{label}: " if label else ""
     arms = list(st.arms)
     if st.test in ("trains_higher_lr",):
