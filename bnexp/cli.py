@@ -272,6 +272,7 @@ def bench(
     import importlib
     import json
 
+    from .bench.stats import against_previous, read_previous
     from .nn.functional import BACKENDS
     from .train import resolve_device
 
@@ -297,6 +298,8 @@ def bench(
         result = mod.run(device=dev, **options.get(name.value, {}))
         typer.echo(mod.format_table(result))
         path = out / f"{name.value}-{dev.replace(':', '')}.json"
+        for line in against_previous(read_previous(path), result):  # the same benchmark, last time
+            typer.echo(line)
         path.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {path}")
 
