@@ -25,7 +25,7 @@ CONF_DIR = Path(__file__).parent / "conf"
 # A user's own config folder (`--config-dir DIR` sets it for the command and the processes it starts):
 # DIR/experiment/*.yaml presets and DIR/<group>/*.yaml options, added to Hydra's search path.
 CONFIG_DIR_ENV = "BNEXP_CONFIG_DIR"
-GROUPS = ("model", "data", "norm", "optim")  # the config groups (conf/config.yaml's defaults list)
+GROUPS = ("model", "data", "norm", "optim")  # conf/config.yaml's defaults list (a test pins them equal)
 PRESET_GROUP = "experiment"
 
 # Override keys users may type that are spelled differently in the config tree.

@@ -29,6 +29,10 @@ def mine(tmp_path):
     return folder
 
 
+def test_the_groups_are_those_of_the_primary_config():
+    assert C.GROUPS == tuple(C.key_docs()[1])
+
+
 def test_a_user_option_composes_and_has_the_run_id_of_the_same_resolved_config(mine, monkeypatch):
     monkeypatch.setenv(C.CONFIG_DIR_ENV, str(mine))
     ours = C.compose(["optim=sgd_momentum"])
