@@ -277,7 +277,8 @@ def bench(
                                         "counterparts, comma-separated (e.g. gn,ln,in,brn,ghost,noisy; default: bn)."),
     precision: str = typer.Option("fp32", "--precision", help="epoch: fp32 | bf16 for bnexp's pipeline."),
 ):
-    """Time bnexp against plain PyTorch in the same process and print ratios."""
+    """Time bnexp against plain PyTorch in the same process: each ratio as min / median / max over
+    interleaved pairs, marked UNSETTLED when another invocation may differ by more than ±10%."""
     import importlib
     import json
 

@@ -122,7 +122,7 @@ def load_preset(name: str) -> Preset:
             isinstance(a, dict) and all(isinstance(v, str) for v in a.values()) for a in arms):
         raise BnexpError(f"{path}: `arms:` must be a list of mappings of keys to values or sweeps, like `params:`")
     return Preset(path.stem, doc["description"], dict(params), [dict(a) for a in arms], path,
-                  path.parent != PRESET_DIR)
+                  path.resolve().parent != PRESET_DIR.resolve())
 
 
 # ----------------------------------------------------------------------------- grid expansion
