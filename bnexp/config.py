@@ -335,13 +335,29 @@ def check_user_dir(folder: Path) -> None:
                                  f"only {', '.join(sorted(known))}")
 
 
+_checked: set[tuple] = set()  # folder states that passed check_user_dir (a sweep composes once per grid point)
+
+
+def _state(folder: Path) -> tuple:
+    """The folder and the name, size and mtime of everything two levels down: changes when a file does."""
+    try:
+        entries = [p for sub in folder.iterdir() for p in ([sub, *sub.iterdir()] if sub.is_dir() else [sub])]
+        return (str(folder), *sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in entries))
+    except OSError:
+        return (str(folder), None)  # missing or unreadable: never cached, check_user_dir says why
+
+
 def user_config_dir() -> Path | None:
     """The user's config folder from $BNEXP_CONFIG_DIR (absolute, checked), or None when unset."""
     raw = os.environ.get(CONFIG_DIR_ENV, "").strip()
     if not raw:
         return None
     folder = Path(raw).expanduser().absolute()
-    check_user_dir(folder)
+    state = _state(folder)
+    if state not in _checked:
+        check_user_dir(folder)
+        if state[1:] != (None,):
+            _checked.add(state)
     return folder
 
 
