@@ -59,3 +59,25 @@ def test_log_benchmark_times_both_writers_through_the_cli(capsys, tmp_path, monk
     assert "SummaryWriter ms" in out and "step scalars" in out and "previous invocation" not in out
     assert main(["bench", "log", "--device", "cpu", "--out", str(tmp_path)]) == 0  # compared with the first
     assert "previous invocation" in capsys.readouterr().out
+
+
+def test_sweep_benchmark_pairs_the_job_counts(monkeypatch):
+    """Without training: each `bnexp sweep` command is stubbed by its job count's duration."""
+    from bnexp.bench import stats, sweep
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(sweep, "_warm_up", lambda overrides, preset: None)
+
+    def fake_sweep(overrides, preset, jobs):
+        clock["now"] += {1: 60.0, 2: 40.0}[jobs]
+        return 0.0, 8
+    monkeypatch.setattr(sweep, "_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "measure", functools.partial(stats.measure, timer=lambda: clock["now"]))
+    result = sweep.run("cpu", jobs=(1, 2), repeats=3)
+    json.dumps(result)
+    one, two = result["rows"]
+    assert (one["seconds"], two["seconds"], result["runs"], result["repeats"]) == (60.0, 40.0, 8, 3)
+    assert two["ratio"] == pytest.approx(1.5) and result["ratios"]["jobs=2"]["settled"]
+    assert one["speedup"] is None and two["runs_per_min"] == pytest.approx(12.0)
+    table = sweep.format_table(result)
+    assert "1.50x (min 1.50, max 1.50, n 3)" in table and "every ratio is settled" in table
