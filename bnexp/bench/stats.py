@@ -181,9 +181,10 @@ def verdict(spreads: Mapping[str, Spread]) -> str:
 def read_previous(path) -> dict | None:
     """The result a previous invocation wrote to `path`, or None (none, or not a readable result)."""
     import json
+    from pathlib import Path
 
     try:
-        doc = json.loads(open(path, encoding="utf-8").read())
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
