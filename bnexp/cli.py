@@ -62,6 +62,10 @@ class OnOff(str, Enum):
     off = "off"
 
 
+CONFIG_DIR_HELP = ("Your own config folder: DIR/<group>/NAME.yaml options (model, data, norm, optim; then "
+                   "group=NAME) and DIR/experiment/NAME.yaml presets, checked as bnexp's own (default: "
+                   "$BNEXP_CONFIG_DIR).")
+
 TRAIN_EPILOG = """\b
 Examples:
   bnexp train --bn on lr=0.5
@@ -79,10 +83,12 @@ def train(
                                                     help="Hydra overrides on conf/config.yaml (see below)."),
     bn: Optional[OnOff] = typer.Option(None, "--bn", help="Shortcut for bn=on|off (default: on)."),
     force: bool = typer.Option(False, "--force", help="Retrain even if this config already finished."),
+    config_dir: Optional[Path] = typer.Option(None, "--config-dir", metavar="DIR", help=CONFIG_DIR_HELP),
 ):
     """Train one run (LeNet5 on FashionMNIST by default) and record it under results/runs/<run_id>/."""
     from . import config
 
+    config.use_config_dir(config_dir)
     args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)  # bad input is answered here, before torch is imported
     from .tracking import check_writable, finished_run
@@ -134,7 +140,8 @@ another process, 2 for bad input.
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE[,VALUE]]...",
                                                     help="Hydra overrides and sweeps on conf/config.yaml."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A grid from conf/experiment/ "
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A grid from conf/experiment/ or "
+                                         "DIR/experiment/, or the path of a preset file PATH.yaml "
                                          "(default: default; see --list-presets)."),
     bn: Optional[str] = typer.Option(None, "--bn", help="Shortcut for bn=on|off|on,off (replaces the preset's bn)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once (default: 1 for local, "
@@ -153,10 +160,12 @@ def sweep(
     wait: float = typer.Option(3600.0, "--wait", min=0, metavar="SECONDS", help="How long to wait, once the "
                                "rest is done, for runs another process is training (default: 3600; 0: not at "
                                "all); runs still held then end as busy (exit code 1)."),
+    config_dir: Optional[Path] = typer.Option(None, "--config-dir", metavar="DIR", help=CONFIG_DIR_HELP),
 ):
     """Run a grid of training runs (BN on/off x lr x batch size by default), then print a summary."""
-    from . import launch as L, sweep as S
+    from . import config, launch as L, sweep as S
 
+    config.use_config_dir(config_dir)  # before anything reads presets or composes
     if list_presets:
         typer.echo(S.format_presets())
         return
@@ -295,10 +304,12 @@ def bench(
                                         "counterparts, comma-separated (e.g. gn,ln,in,brn,ghost,noisy; default: bn)."),
     precision: str = typer.Option("fp32", "--precision", help="epoch: fp32 | bf16 for bnexp's pipeline."),
 ):
-    """Time bnexp against plain PyTorch in the same process and print ratios."""
+    """Time bnexp against plain PyTorch in the same process: each ratio as min / median / max over
+    interleaved pairs, marked UNSETTLED when another invocation may differ by more than ±10%."""
     import importlib
     import json
 
+    from .bench.stats import against_previous, read_previous
     from .nn.functional import BACKENDS
     from .train import resolve_device
 
@@ -324,6 +335,8 @@ def bench(
         result = mod.run(device=dev, **options.get(name.value, {}))
         typer.echo(mod.format_table(result))
         path = out / f"{name.value}-{dev.replace(':', '')}.json"
+        for line in against_previous(read_previous(path), result):  # the same benchmark, last time
+            typer.echo(line)
         path.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {path}")
 

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,11 @@ from .errors import BnexpError
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
+# A user's own config folder (`--config-dir DIR` sets it for the command and the processes it starts):
+# DIR/experiment/*.yaml presets and DIR/<group>/*.yaml options, added to Hydra's search path.
+CONFIG_DIR_ENV = "BNEXP_CONFIG_DIR"
+GROUPS = ("model", "data", "norm", "optim")  # conf/config.yaml's defaults list (a test pins them equal)
+PRESET_GROUP = "experiment"
 
 # Override keys users may type that are spelled differently in the config tree.
 ALIASES = {"optimizer": "optim"}
@@ -305,8 +311,116 @@ def key_docs() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     return keys, groups
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_options(group: str, user: bool = False) -> list[str]:
+    """The options of a config group: the shipped ones, and with `user` those of the user's config folder."""
+    folders = [CONF_DIR] + ([d] if user and (d := user_config_dir()) else [])
+    return sorted(p.stem for folder in folders for p in (folder / group).glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------- the user's config folder
+
+def _read_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping -> the mapping; anything else is one line naming the file."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BnexpError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"save the {what} as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BnexpError(f"{path}: YAML syntax error{where} ({getattr(e, 'problem', None) or 'unreadable'}); "
+                         f"fix the {what}") from None
+    except OSError as e:
+        raise BnexpError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if not isinstance(doc, dict):
+        raise BnexpError(f"{path}: a {what} must be a YAML mapping of keys to values, got "
+                         f"{'an empty file' if doc is None else type(doc).__name__}")
+    return doc
+
+
+def check_user_dir(folder: Path) -> None:
+    """What a user config folder may hold, checked before anything is composed: experiment/*.yaml
+    presets (read by sweep.load_preset) and <group>/*.yaml options that set only their group's keys
+    (the same keys as the shipped options; the values are checked on compose, like the shipped
+    ones). No option may have a shipped option's name: Hydra would silently take the shipped one
+    (the search path lists conf/ first), so the user's file would be ignored."""
+    if not folder.is_dir():
+        raise BnexpError(f"config folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}; "
+                         f"give --config-dir (or ${CONFIG_DIR_ENV}) a folder holding experiment/*.yaml and "
+                         f"<group>/*.yaml, groups {', '.join(GROUPS)}")
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or (path.is_file() and path.suffix not in (".yaml", ".yml")):
+            continue  # a README, an editor's backup: not config
+        if path.is_file():
+            raise BnexpError(f"{path}: a config folder holds option folders ({', '.join(GROUPS)}, {PRESET_GROUP}), "
+                             f"not top-level YAML files (the primary config is bnexp's own); move it into one of them")
+        if path.name not in (*GROUPS, PRESET_GROUP):
+            raise BnexpError(f"{path}: not a config group; the folders of a config folder are "
+                             f"{', '.join(GROUPS)} (options) and {PRESET_GROUP} (presets)")
+        known = {k.split(".", 1)[1] for k in _CHECKS if k.startswith(path.name + ".")}
+        for option in sorted(path.iterdir()):
+            if option.suffix == ".yml":
+                raise BnexpError(f"{option}: Hydra reads only .yaml files; rename it to {option.with_suffix('.yaml').name}")
+            if option.suffix != ".yaml":
+                continue
+            if (CONF_DIR / path.name / option.name).exists():
+                what = "preset" if path.name == PRESET_GROUP else f"{path.name} option"
+                raise BnexpError(f"{option}: shadows bnexp's own {what} '{option.stem}' (the shipped one would be "
+                                 f"used); give yours another name")
+            if path.name == PRESET_GROUP:
+                continue
+            unknown = sorted(set(_read_mapping(option, f"{path.name} option")) - known)
+            if unknown:
+                raise BnexpError(f"{option}: unknown {path.name} key '{unknown[0]}'; a {path.name} option sets "
+                                 f"only {', '.join(sorted(known))}")
+
+
+_checked: set[tuple] = set()  # folder states that passed check_user_dir (a sweep composes once per grid point)
+
+
+def _state(folder: Path) -> tuple:
+    """The folder and the name, size and mtime of everything two levels down: changes when a file does."""
+    try:
+        entries = [p for sub in folder.iterdir() for p in ([sub, *sub.iterdir()] if sub.is_dir() else [sub])]
+        return (str(folder), *sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in entries))
+    except OSError:
+        return (str(folder), None)  # missing or unreadable: never cached, check_user_dir says why
+
+
+def user_config_dir() -> Path | None:
+    """The user's config folder from $BNEXP_CONFIG_DIR (absolute, checked), or None when unset."""
+    raw = os.environ.get(CONFIG_DIR_ENV, "").strip()
+    if not raw:
+        return None
+    folder = Path(raw).expanduser().absolute()
+    state = _state(folder)
+    if state not in _checked:
+        check_user_dir(folder)
+        if state[1:] != (None,):
+            _checked.add(state)
+    return folder
+
+
+def use_config_dir(folder: str | Path | None) -> None:
+    """`--config-dir DIR`: check DIR and export it, so that this command and every process it starts
+    (sweep workers, cluster jobs: they inherit BNEXP_* variables) compose with the same folder."""
+    if folder is None:
+        return
+    path = Path(folder).expanduser().absolute()
+    check_user_dir(path)
+    os.environ[CONFIG_DIR_ENV] = str(path)
+
+
+def search_path_overrides() -> list[str]:
+    """The Hydra override that adds the user's config folder to the config search path (after conf/)."""
+    folder = user_config_dir()
+    if folder is None:
+        return []
+    quoted = str(folder).replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.searchpath=['file://{quoted}']"]
 
 
 # ----------------------------------------------------------------------------- composition
@@ -349,8 +463,10 @@ def _hydra_error(e: Exception) -> BnexpError:
         m = re.search(r"Could not find '(\w+)/([^']*)'", text)
         if m:
             group = m.group(1)
-            options = group_options(group)
-            return BnexpError(f"unknown {group} '{m.group(2)}'; choose one of: {', '.join(options)}")
+            options = group_options(group, user=True)
+            where = (f"yours go in {folder / group}/NAME.yaml" if (folder := user_config_dir()) else
+                     f"your own go in DIR/{group}/NAME.yaml with --config-dir DIR")
+            return BnexpError(f"unknown {group} '{m.group(2)}'; choose one of: {', '.join(options)} ({where})")
     if isinstance(e, OverrideParseException):
         if (lexed := lexer_error(e)) is not None:
             return lexed
@@ -418,10 +534,15 @@ def _hydra_compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    for o in overrides:  # Hydra's own settings are not run config; the search path is --config-dir's
+        if o.lstrip("+~").startswith("hydra."):
+            raise BnexpError(f"'{o}': hydra.* settings are not config keys; add your own options and presets "
+                             f"with --config-dir DIR (or ${CONFIG_DIR_ENV})")
+    search = search_path_overrides()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=search + overrides)
     except Exception as e:  # Hydra raises several types; all mean bad user input here
         raise _hydra_error(e) from None
     finally:

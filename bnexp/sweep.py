@@ -50,6 +50,8 @@ class Preset:
     description: str
     params: dict[str, str]
     arms: list[dict[str, str]] = field(default_factory=lambda: [{}])
+    path: Path | None = None  # where it was read from
+    user: bool = False  # from the user's config folder or a --preset PATH, not shipped with bnexp
 
     def overrides(self, arm: dict[str, str] | None = None) -> list[str]:
         return [f"{k}={v}" for k, v in {**self.params, **(arm or {})}.items()]
@@ -59,19 +61,42 @@ class Preset:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """The shipped presets and those of the user's config folder (config.check_user_dir refuses a
+    user preset with a shipped one's name, so each name is one file)."""
+    return sorted(preset_paths())
+
+
+def preset_paths() -> dict[str, Path]:
+    """name -> file of every preset: conf/experiment/, then the user's config folder's experiment/."""
+    folders = [PRESET_DIR] + ([d / C.PRESET_GROUP] if (d := C.user_config_dir()) else [])
+    return {p.stem: p for folder in folders for p in sorted(folder.glob("*.yaml"))}
+
+
+def _preset_path(name: str) -> Path:
+    """--preset NAME (shipped or the user's) or --preset PATH.yaml (any file) -> the file to read."""
+    if name.endswith((".yaml", ".yml")) or "/" in name or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise BnexpError(f"preset file {name} {'is not a file' if path.exists() else 'does not exist'}; "
+                             f"--preset takes a name ({', '.join(preset_names())}) or the path of a .yaml file")
+        return path
+    paths = preset_paths()
+    if name not in paths:
+        user = (f"; yours go in {d / C.PRESET_GROUP}/{name}.yaml" if (d := C.user_config_dir()) else
+                f"; a file of your own: --preset PATH.yaml, or put it in DIR/{C.PRESET_GROUP}/ with --config-dir DIR")
+        raise BnexpError(f"unknown preset '{name}'; choose one of: {', '.join(sorted(paths))}{user}")
+    return paths[name]
 
 
 def load_preset(name: str) -> Preset:
-    """Read conf/experiment/<name>.yaml (format: the comment at the top of each file)."""
+    """Read a preset by name (conf/experiment/<name>.yaml or the user's) or from a path (format: the
+    comment at the top of each shipped file); a user's preset is checked exactly as a shipped one."""
     import yaml
 
     if not name or not name.strip():
         raise BnexpError(f"--preset needs a name; choose one of: {', '.join(preset_names())} "
                          f"(leave --preset out for the default grid)")
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise BnexpError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
+    path = _preset_path(name)
     # BaseLoader keeps every scalar as the text written (`on` stays "on", `1e-3` stays "1e-3"):
     # the values are override-grammar strings, not YAML values.
     try:
@@ -96,12 +121,13 @@ def load_preset(name: str) -> Preset:
     if not isinstance(arms, list) or not arms or not all(
             isinstance(a, dict) and all(isinstance(v, str) for v in a.values()) for a in arms):
         raise BnexpError(f"{path}: `arms:` must be a list of mappings of keys to values or sweeps, like `params:`")
-    return Preset(name, doc["description"], dict(params), [dict(a) for a in arms])
+    return Preset(path.stem, doc["description"], dict(params), [dict(a) for a in arms], path,
+                  path.resolve().parent != PRESET_DIR.resolve())
 
 
 # ----------------------------------------------------------------------------- grid expansion
 
-_parser = None  # Hydra's override parser with a config loader, made once per process (see _override_parser)
+_parser = None  # (user config folder, Hydra's override parser with a config loader), made once per folder
 
 
 def _override_parser():
@@ -111,7 +137,8 @@ def _override_parser():
     grids of every preset. The loader only reads the config directory, so it stays valid after
     Hydra's global state is cleared again (config.compose clears it for each composition)."""
     global _parser
-    if _parser is None:
+    folder = C.user_config_dir()  # the user's folder is on the loader's search path (_config_loader)
+    if _parser is None or _parser[0] != folder:
         from hydra import initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -119,10 +146,10 @@ def _override_parser():
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-                _parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+                _parser = (folder, OverridesParser.create(config_loader=_config_loader()))
         finally:
             GlobalHydra.instance().clear()
-    return _parser
+    return _parser[1]
 
 
 def _parse(overrides: list[str]):
@@ -142,6 +169,25 @@ def _parse(overrides: list[str]):
             raise BnexpError(f"malformed override '{o}' ({why}); expected key=value, key=v1,v2,..., "
                              f"key=range(start,stop[,step]) or key=choice(v1,v2,...)") from None
     return parsed
+
+
+def _config_loader():
+    """Hydra's config loader, with the user's config folder on its search path when there is one (as
+    `config.compose` adds it), so that `norm=glob(*)` lists the user's options too."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    folder = C.user_config_dir()
+    if folder is None:
+        return loader
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+
+    search_path = ConfigSearchPathImpl()
+    for element in loader.get_search_path().get_path():
+        search_path.append(element.provider, element.path)
+    search_path.append("bnexp-user", f"file://{folder}")  # after conf/, as hydra.searchpath puts it
+    return ConfigLoaderImpl(config_search_path=search_path)
 
 
 def _count(o) -> int:
@@ -419,11 +465,13 @@ def oversubscription(pl: Plan, jobs: int | None, launcher: str) -> str | None:
 
 def format_presets() -> str:
     """One line per preset: name, number of runs, description."""
-    lines = []
+    lines, folder = [], C.user_config_dir()
     for name in preset_names():
         p, grids = preset_grid([], name)
-        lines.append(f"  {name:<30} {sum(g.size for g in grids):>3} runs  {p.description}")
-    return "presets (bnexp sweep --preset NAME [KEY=VALUE...]):\n" + "\n".join(lines)
+        mine = f"  (yours: {p.path})" if p.user else ""
+        lines.append(f"  {name:<30} {sum(g.size for g in grids):>3} runs  {p.description}{mine}")
+    mine = "" if folder else "\nyour own: --preset PATH.yaml, or --config-dir DIR with DIR/experiment/NAME.yaml"
+    return "presets (bnexp sweep --preset NAME [KEY=VALUE...]):\n" + "\n".join(lines) + mine
 
 
 # ----------------------------------------------------------------------------- scheduling

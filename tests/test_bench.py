@@ -1,5 +1,6 @@
 """bnexp bench on CPU with tiny inputs: the epoch and bn benchmarks run, write JSON and print ratios."""
 
+import functools
 import json
 
 import pytest
@@ -10,13 +11,17 @@ from bnexp.nn import functional as bnF
 
 
 def test_epoch_benchmark_compares_the_pipelines(synth_data_dir):
-    result = epoch.run(device="cpu", batch_size=64, repeats=1, data_dir=str(synth_data_dir))
+    result = epoch.run(device="cpu", batch_size=64, repeats=1, max_repeats=1, data_dir=str(synth_data_dir))
     json.dumps(result)
     assert set(result["seconds"]) == {"bnexp", "hand", "dataloader"}  # no bnexp-eager: no CUDA graphs on CPU
     assert result["images"] == 512 and result["cuda_graphs"] is False and result["precision"] == "fp32"
-    assert result["ratio_bnexp_vs_hand"] == pytest.approx(result["seconds"]["bnexp"] / result["seconds"]["hand"], rel=0.01)
+    ratio = result["ratios"]["bnexp/hand"]  # the median of the per-repeat ratios, not the ratio of the medians
+    assert ratio["n"] == 1 and ratio["min"] == ratio["median"] == ratio["max"] and not ratio["settled"]
+    assert result["ratio_bnexp_vs_hand"] == pytest.approx(result["all_seconds"]["bnexp"][0]
+                                                          / result["all_seconds"]["hand"][0], rel=0.01)
     table = epoch.format_table(result)
     assert "dataloader" in table and "CUDA graphs off" in table and "faster than the DataLoader script" in table
+    assert "UNSETTLED" in table  # one repeat is not enough to know
 
 
 def test_bn_benchmark_layouts_and_traffic():
@@ -39,15 +44,21 @@ def test_bench_rejects_bad_options(capsys, tmp_path, args, msg):
     assert msg in err and err.count("\n") == 1
 
 
-def test_log_benchmark_times_both_writers_through_the_cli(capsys, tmp_path):
+def test_log_benchmark_times_both_writers_through_the_cli(capsys, tmp_path, monkeypatch):
+    from bnexp.bench import log
+
+    monkeypatch.setattr(log, "run", functools.partial(log.run, min_repeats=3, max_repeats=4, budget_s=1.0))
     assert main(["bench", "log", "--device", "cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "log-cpu.json").read_text())
     assert [r["case"] for r in result["rows"]] == ["step scalars", "histograms"]
     for r in result["rows"]:
         assert r["bnexp_ms"] > 0 and r["torch_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bnexp_ms"], rel=0.01)
-    assert "SummaryWriter ms" in out and "step scalars" in out
+        s = r["speedup"]
+        assert s["min"] <= s["median"] <= s["max"] and s["n"] in (3, 4) and result["ratios"][r["case"]] == s
+    assert "SummaryWriter ms" in out and "step scalars" in out and "previous invocation" not in out
+    assert main(["bench", "log", "--device", "cpu", "--out", str(tmp_path)]) == 0  # compared with the first
+    assert "previous invocation" in capsys.readouterr().out
 
 
 def test_measure_benchmark_times_each_instrument_and_an_epoch_with_them(synth_data_dir):
@@ -68,3 +79,26 @@ def test_measure_benchmark_times_each_instrument_and_an_epoch_with_them(synth_da
     assert result["step_seconds"] == pytest.approx(seconds["without"]["median"] / 8, rel=0.01)
     table = bench_measure.format_table(result)
     assert "beta_smoothness" in table and "with / without" in table and "CPU target <= 1.25" in table
+
+
+
+def test_sweep_benchmark_pairs_the_job_counts(monkeypatch):
+    """Without training: each `bnexp sweep` command is stubbed by its job count's duration."""
+    from bnexp.bench import stats, sweep
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(sweep, "_warm_up", lambda overrides, preset: None)
+
+    def fake_sweep(overrides, preset, jobs):
+        clock["now"] += {1: 60.0, 2: 40.0}[jobs]
+        return 0.0, 8
+    monkeypatch.setattr(sweep, "_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "measure", functools.partial(stats.measure, timer=lambda: clock["now"]))
+    result = sweep.run("cpu", jobs=(1, 2), repeats=3)
+    json.dumps(result)
+    one, two = result["rows"]
+    assert (one["seconds"], two["seconds"], result["runs"], result["repeats"]) == (60.0, 40.0, 8, 3)
+    assert two["ratio"] == pytest.approx(1.5) and result["ratios"]["jobs=2"]["settled"]
+    assert one["speedup"] is None and two["runs_per_min"] == pytest.approx(12.0)
+    table = sweep.format_table(result)
+    assert "1.50x (min 1.50, max 1.50, n 3)" in table and "every ratio is settled" in table

@@ -1,8 +1,9 @@
 """BN layer benchmark: forward+backward of bnexp.nn.BatchNorm2d vs torch.nn.BatchNorm2d, train mode.
 
-Both layers run interleaved in one process on the same input (see `bnexp.bench.time_samples`);
-the first untimed rounds include the compilation of our kernels. We report the median time per
-forward+backward in ms, the interquartile range, and the ratio ours / torch (below 1 = faster).
+Both layers run interleaved in one process on the same input (see `bnexp.bench.stats`); the first
+untimed rounds include the compilation of our kernels. We report the median time per forward+backward
+in ms, the interquartile range, and the ratio ours / torch of each interleaved pair (below 1 = faster)
+as min / median / max, repeated until the median is settled (stats.TOLERANCE) or the budget is spent.
 
 `kinds` (CLI: --kinds gn,ln,in,brn,ghost,noisy) times other members of the normalisation family,
 each built by `make_norm(kind, C, 2)`, against its PyTorch counterpart where torch has the layer
@@ -22,7 +23,7 @@ from bnexp.nn import functional as bn_functional
 from bnexp.nn.kinds import check_norm, resolve_groups
 
 from ..execution import device_name
-from . import time_samples
+from .stats import Spread, measure, time_samples, verdict
 
 SHAPES = ((256, 6, 28, 28), (256, 16, 10, 10), (64, 64, 32, 32))  # LeNet5's two BN2d inputs at batch 256, a wide one
 LARGE = (64, 256, 56, 56)  # a ResNet-sized activation (205 MB in fp32): bandwidth-bound, on GPUs by default
@@ -75,8 +76,11 @@ def _layers(kind: str, shape: tuple, dev: torch.device):
 
 
 def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, seed: int = 0,
-        backends: list[str] | None = None, channels_last: bool = False, kinds: list[str] | None = None) -> dict:
-    """Time torch's layer and ours (one column per backend) at each (N, C, H, W) shape.
+        backends: list[str] | None = None, channels_last: bool = False, kinds: list[str] | None = None,
+        max_repeats: int = 2000, budget_s: float = 10.0) -> dict:
+    """Time torch's layer and ours (one column per backend) at each (N, C, H, W) shape: at least
+    `repeats` interleaved repeats, more (up to `max_repeats`, `budget_s` seconds a row) until every
+    ratio of the row is settled.
 
     backends: bnexp batch-norm backends to time side by side (default: what `auto` picks here);
     the first is the `bnexp` column the ratio refers to. kinds: norm kinds to time (default:
@@ -103,15 +107,19 @@ def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, se
         row = {"kind": kind, "reference": type(ref).__name__, "shape": list(shape)}
         for name, step in steps.items():  # the first call includes our compilation (or a cache load)
             row[f"{name}_first_call_ms"] = 1e3 * time_samples({name: step}, repeats=1, warmup=0)[name][0]
-        samples = time_samples(steps, repeats, warmup)
+        m = measure(steps, {_column(b, names): (_column(b, names), "torch") for b in names}, min_repeats=repeats,
+                    max_repeats=max(repeats, max_repeats), budget_s=budget_s, warmup=warmup)
+        samples = m.samples
         for name, s in samples.items():
             q1, _, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0],) * 3
             row[f"{name}_ms"] = 1e3 * statistics.median(s)
             row[f"{name}_iqr_ms"] = 1e3 * (q3 - q1)
             row[f"{name}_GBps"] = min_traffic_bytes(shape) / (row[f"{name}_ms"] / 1e3) / 1e9
         for b in names:
-            row[f"{_column(b, names)}_ratio"] = row[f"{_column(b, names)}_ms"] / row["torch_ms"]
+            row[f"{_column(b, names)}_ratio"] = m.ratios[_column(b, names)].median
+            row[f"{_column(b, names)}_spread"] = m.ratios[_column(b, names)].to_json()
         row["ratio"] = row[f"{_column(names[0], names)}_ratio"]
+        row["repeats"] = len(samples["torch"])
         rows.append(row)
     return {
         "benchmark": "bn forward+backward, train mode" if kinds == ["bn"] else
@@ -124,9 +132,16 @@ def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, se
         "backends": names,
         "layout": "channels_last" if channels_last else "contiguous",
         "repeats": repeats,
+        "budget_s": budget_s,
         "warmup": warmup,
         "rows": rows,
+        "ratios": {_ratio_label(r, c): r[f"{c}_spread"] for r in rows for c in (_column(b, names) for b in names)},
     }
+
+
+def _ratio_label(row: dict, column: str) -> str:
+    """`bn (256, 6, 28, 28) bnexp`: which ratio of which row (the key of the result's `ratios`)."""
+    return f"{row['kind']} ({', '.join(map(str, row['shape']))}) {column}"
 
 
 def _column(backend: str, names: list[str]) -> str:
@@ -145,7 +160,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         line = [f"({', '.join(map(str, r['shape']))})", f"{r['torch_ms']:.3f} ±{r['torch_iqr_ms'] / 2:.3f}"]
         line += [f"{r[c + '_ms']:.3f} ±{r[c + '_iqr_ms'] / 2:.3f}" for c in cols]
-        line += ["/".join(f"{r[c + '_ratio']:.2f}x" for c in cols),
+        line += ["/".join(Spread.from_json(r[c + "_spread"]).text() for c in cols),
                  f"{r['torch_GBps']:.0f}/{r['bnexp_GBps']:.0f}"]
         lines.append([f"{r['kind']} vs {r['reference']}"] + line if by_kind else line)
     if by_kind:
@@ -157,9 +172,11 @@ def format_table(result: dict) -> str:
                          for i, (cell, w) in enumerate(zip(row, widths)))
 
     title = (f"{result['benchmark']} on {result['device']} ({result['device_name']}), torch {result['torch_version']}, "
-             f"{result.get('layout', 'contiguous')}, median of {result['repeats']} (± half IQR); "
-             "ratio = bnexp / torch (below 1 = faster)")
+             f"{result.get('layout', 'contiguous')}, medians (± half IQR) of at least {result['repeats']} interleaved "
+             "repeats; ratio = bnexp / torch of each pair, median (min, max, pairs), below 1 = faster")
     first = sum(r["bnexp_first_call_ms"] for r in result["rows"]) / 1e3
     footer = (f"first calls of bnexp (compilation or cache load included): {first:.1f} s in total; "
               "GB/s = minimum traffic (5 x tensor bytes) / median time")
-    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), footer])
+    spreads = {label: Spread.from_json(d) for label, d in result["ratios"].items()}
+    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), footer,
+                      verdict(spreads)])

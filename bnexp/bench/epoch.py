@@ -6,19 +6,21 @@ The pipelines train the same model on the same 60k images at batch 256:
   bnexp-eager the same with cuda_graphs=off (CUDA only: shows what the graph buys)
   hand        a hand-written tensor-resident loop with torch.nn.BatchNorm2d (the fair baseline)
   dataloader  the usual script: torchvision dataset + ToTensor + DataLoader, torch.nn.BatchNorm2d
-Epochs of the pipelines are interleaved, so machine noise hits them alike; medians are reported.
+Epochs of the pipelines are interleaved (bnexp.bench.stats), so machine noise hits them alike; each
+ratio is the min / median / max over the repeats of the ratio within one repeat, with at least
+`repeats` repeats and more (within `budget_s`) until the ratios are settled.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import config, data, models, train
 from ..nn import functional as bn_functional
+from .stats import Spread, measure, verdict
 
 
 def _hand_setup(device, num_classes=10):
@@ -53,18 +55,9 @@ def dataloader_epoch(model, opt, loader, device):
     return loss.item()
 
 
-def _timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def run(device: str = "cpu", batch_size: int = 256, repeats: int = 3, dataloader: bool = True,
-        data_dir: str | None = None, precision: str = "fp32", channels_last: bool = False) -> dict:
+        data_dir: str | None = None, precision: str = "fp32", channels_last: bool = False,
+        max_repeats: int = 10, budget_s: float = 150.0) -> dict:
     dev = torch.device(device)
     base = [f"batch_size={batch_size}", f"device={device}", "progress=false", "lr=0.1",
             f"precision={precision}", f"channels_last={channels_last}"] + ([f"data_dir={data_dir}"] if data_dir else [])
@@ -89,16 +82,13 @@ def run(device: str = "cpu", batch_size: int = 256, repeats: int = 3, dataloader
                                              pin_memory=dev.type == "cuda", persistent_workers=True)
         dl_model, dl_opt = _hand_setup(dev)
         fns["dataloader"] = lambda e: dataloader_epoch(dl_model, dl_opt, loader, dev)
-    # Warm-up: compilation, CUDA-graph capture, cuDNN autotuning, worker start-up; not timed.
-    for fn in fns.values():
-        fn(0)
-    times = {k: [] for k in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            if name == "dataloader" and r > 0 and dev.type == "cpu":
-                continue  # one DataLoader epoch on a CPU is enough to know it is slow
-            times[name].append(_timed(lambda: fn(r + 1), dev))
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    epochs = {k: iter(range(1, 1 << 30)) for k in fns}  # each pipeline's next epoch (batch order seed)
+    timed = {k: (lambda k=k: fns[k](next(epochs[k]))) for k in fns}
+    ratios = {"bnexp/hand": ("bnexp", "hand")} | ({"dataloader/bnexp": ("dataloader", "bnexp")} if dataloader else {}) \
+        | ({"bnexp-eager/bnexp": ("bnexp-eager", "bnexp")} if "bnexp-eager" in fns else {})
+    # One untimed round: compilation, CUDA-graph capture, cuDNN autotuning, DataLoader workers' start-up.
+    m = measure(timed, ratios, min_repeats=repeats, max_repeats=max(repeats, max_repeats), budget_s=budget_s, warmup=1)
+    med = {k: m.median(k) for k in fns}
     return {
         "benchmark": "epoch", "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -107,23 +97,27 @@ def run(device: str = "cpu", batch_size: int = 256, repeats: int = 3, dataloader
         "precision": precision, "channels_last": channels_last,
         "cuda_graphs": s.program.use_graphs, "bn_backend": bn_functional.resolved_backend(dev),
         "seconds": {k: round(v, 4) for k, v in med.items()},
-        "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
-        "ratio_bnexp_vs_hand": round(med["bnexp"] / med["hand"], 3),
-        **({"speedup_vs_dataloader": round(med["dataloader"] / med["bnexp"], 2)} if dataloader else {}),
+        "all_seconds": {k: [round(t, 4) for t in v] for k, v in m.samples.items()},
+        "ratio_bnexp_vs_hand": round(m.ratios["bnexp/hand"].median, 3),
+        **({"speedup_vs_dataloader": round(m.ratios["dataloader/bnexp"].median, 2)} if dataloader else {}),
+        "ratios": {label: r.to_json() for label, r in m.ratios.items()},
     }
 
 
 def format_table(r: dict) -> str:
     lines = [f"epoch benchmark: LeNet5-BN, {r['images']} images, batch {r['batch_size']}, "
-             f"{r['device_name']} ({r['device']}), torch {r['torch']}, median of {r['repeats']}",
+             f"{r['device_name']} ({r['device']}), torch {r['torch']}, median of {len(r['all_seconds']['bnexp'])} "
+             f"interleaved repeats",
              f"bnexp: {r.get('precision', 'fp32')}, {'channels_last' if r.get('channels_last') else 'contiguous'}, "
              f"CUDA graphs {'on' if r.get('cuda_graphs') else 'off'}, BN backend {r.get('bn_backend', '?')}",
              f"{'pipeline':<12}{'s/epoch':>10}{'vs bnexp':>10}"]
     base = r["seconds"]["bnexp"]
     for name, sec in r["seconds"].items():
         lines.append(f"{name:<12}{sec:>10.3f}{sec / base:>9.2f}x")
-    lines.append(f"bnexp / hand-written loop = {r['ratio_bnexp_vs_hand']:.3f} (CPU target <= 1.25)")
-    if "speedup_vs_dataloader" in r:
-        lines.append(f"bnexp is {r['speedup_vs_dataloader']:.1f}x faster than the DataLoader script "
+    spreads = {label: Spread.from_json(d) for label, d in r["ratios"].items()}
+    lines.append(f"bnexp / hand-written loop, per repeat: {spreads['bnexp/hand'].text(digits=3)} (CPU target <= 1.25)")
+    if "dataloader/bnexp" in spreads:
+        lines.append(f"bnexp is {spreads['dataloader/bnexp'].text(digits=1)} faster than the DataLoader script "
                      f"(H100 target: >= 40x, <= 0.25 s per epoch)")
+    lines.append(verdict(spreads))
     return "\n".join(lines)

@@ -11,14 +11,13 @@ bookkeeping from becoming a large share of it (see bnexp/tblog.py).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from . import time_samples
+from .stats import Spread, measure, verdict
 from ..tblog import TensorBoardLog
 
 STEPS = 235  # ceil(60000 / 256)
@@ -58,29 +57,34 @@ def _cases(ours: TensorBoardLog, theirs: SummaryWriter, device: torch.device) ->
     return {"step scalars": (our_scalars, torch_scalars), "histograms": (our_histograms, torch_histograms)}
 
 
-def run(device: str = "cpu", repeats: int = 10) -> dict:
+def run(device: str = "cpu", min_repeats: int = 20, max_repeats: int = 400, budget_s: float = 30.0) -> dict:
+    """Time each case both ways, interleaved (see bnexp.bench.stats), until its speed-up is settled
+    or `budget_s` seconds per case are spent."""
     dev = torch.device(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bnexp-bench-log-") as tmp:
         ours = TensorBoardLog(Path(tmp) / "bnexp", purge_step=None)
         theirs = SummaryWriter(log_dir=str(Path(tmp) / "torch"), flush_secs=30)  # as bnexp used it before tblog.py
         for name, (our_fn, torch_fn) in _cases(ours, theirs, dev).items():
-            s = time_samples({"bnexp": our_fn, "torch": torch_fn}, repeats=repeats, warmup=1)
-            b, t = statistics.median(s["bnexp"]), statistics.median(s["torch"])
-            rows.append({"case": name, "bnexp_ms": round(b * 1e3, 3), "torch_ms": round(t * 1e3, 3),
-                         "speedup": round(t / b, 2)})
+            m = measure({"bnexp": our_fn, "torch": torch_fn}, {name: ("torch", "bnexp")}, min_repeats=min_repeats,
+                        max_repeats=max_repeats, budget_s=budget_s, warmup=2)
+            rows.append({"case": name, "bnexp_ms": round(m.median("bnexp") * 1e3, 3),
+                         "torch_ms": round(m.median("torch") * 1e3, 3), "speedup": m.ratios[name].to_json()})
         ours.close()
         theirs.close()
     return {"benchmark": "log", "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch": torch.__version__, "steps": STEPS, "probe_shapes": PROBE_SHAPES, "repeats": repeats,
-            "rows": rows}
+            "torch": torch.__version__, "steps": STEPS, "probe_shapes": PROBE_SHAPES, "budget_s": budget_s,
+            "rows": rows, "ratios": {row["case"]: row["speedup"] for row in rows}}
 
 
 def format_table(r: dict) -> str:
     lines = [f"log benchmark: TensorBoard logging of one LeNet5 epoch ({r['steps']} steps) and one probe, "
-             f"{r['device_name']} ({r['device']}), torch {r['torch']}, median of {r['repeats']}",
-             f"{'case':<14}{'bnexp ms':>10}{'SummaryWriter ms':>18}{'speed-up':>10}"]
+             f"{r['device_name']} ({r['device']}), torch {r['torch']}; medians, and the speed-up "
+             f"SummaryWriter / bnexp of each interleaved pair",
+             f"{'case':<14}{'bnexp ms':>10}{'SummaryWriter ms':>18}  speed-up (min, max, pairs)"]
     for row in r["rows"]:
-        lines.append(f"{row['case']:<14}{row['bnexp_ms']:>10.2f}{row['torch_ms']:>18.2f}{row['speedup']:>9.1f}x")
+        lines.append(f"{row['case']:<14}{row['bnexp_ms']:>10.2f}{row['torch_ms']:>18.2f}  "
+                     f"{Spread.from_json(row['speedup']).text()}")
+    lines.append(verdict({row["case"]: Spread.from_json(row["speedup"]) for row in r["rows"]}))
     return "\n".join(lines)

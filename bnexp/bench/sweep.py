@@ -5,7 +5,10 @@ directory (nothing skipped), timed by the wall clock: it includes starting Pytho
 processes, compiling, and loading the data in each, which is what a user waits for. The default
 grid is 8 small LeNet5 runs (BN on/off x 4 learning rates, 8192 training samples, 2 epochs);
 `preset=` measures a preset instead (e.g. lr_sensitivity on a GPU). One untimed run first fills
-the on-disk compile cache, so that every command finds it warm. Repeats rotate the job counts.
+the on-disk compile cache, so that every command finds it warm. Repeats rotate the job counts
+(bnexp.bench.stats); the speed-up of --jobs N over the first job count is the ratio of the two
+sweeps of each repeat, as min / median / max, with at least `repeats` repeats and more (within
+`budget_s`) until it is settled.
 
     python -m bnexp.bench.sweep --device cpu --jobs 1 2
     python -m bnexp.bench.sweep --device cuda --jobs 1 2 4 --preset lr_sensitivity
@@ -16,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from .. import launch as L
 from .. import sweep as S
 from ..errors import BnexpError
 from ..nn import functional as bn_functional
+from .stats import Spread, measure, verdict
 
 GRID = ["bn=on,off", "lr=0.01,0.05,0.1,0.5"]  # 8 LeNet5 runs on FashionMNIST (plain SGD)
 SMALL = [*GRID, "batch_size=64", "train_size=8192", "test_size=2048", "epochs=2"]  # 128 steps per epoch
@@ -71,39 +74,49 @@ def _warm_up(overrides: list[str], preset: str | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(), repeats: int = 1) -> dict:
+def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(), repeats: int = 3,
+        max_repeats: int = 6, budget_s: float = 600.0) -> dict:
     """Time the grid (or the preset) at each job count; return a JSON-serialisable result dict."""
     # One thread per run: every job count then trains the same computation (a run's thread count can
     # change its numbers, so the sweep never lowers it itself) and --jobs N does not oversubscribe the cores.
     base = [f"device={device}", "threads=1", *(SMALL if preset is None else ()), *overrides]
     base = list({o.split("=", 1)[0]: o for o in base}.values())  # a later key=value replaces an earlier one
     _warm_up(base, preset)
-    seconds: dict[int, list[float]] = {j: [] for j in jobs}
-    n_runs = 0
-    for r in range(repeats):
-        for j in list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]:
-            s, n_runs = _sweep(base, preset, j)
-            seconds[j].append(s)
-    rows = [{"jobs": j, "seconds": statistics.median(v), "runs_per_min": 60 * n_runs / statistics.median(v),
-             "samples": v} for j, v in seconds.items()]
-    for row in rows:
-        row["ratio"] = row["runs_per_min"] / rows[0]["runs_per_min"]
+    n_runs = [0]
+
+    def sweep_with(j):
+        def timed():
+            n_runs[0] = _sweep(base, preset, j)[1]
+        return timed
+
+    first = str(jobs[0])
+    m = measure({str(j): sweep_with(j) for j in jobs}, {f"jobs={j}": (first, str(j)) for j in jobs[1:]},
+                min_repeats=repeats, max_repeats=max(repeats, max_repeats), budget_s=budget_s, warmup=0)
+    rows = []
+    for j in jobs:
+        seconds = m.median(str(j))
+        speedup = m.ratios.get(f"jobs={j}")
+        rows.append({"jobs": j, "seconds": seconds, "runs_per_min": 60 * n_runs[0] / seconds,
+                     "samples": m.samples[str(j)], "ratio": speedup.median if speedup else 1.0,
+                     "speedup": speedup.to_json() if speedup else None})
     return {"benchmark": "sweep throughput (runs per minute)", "device": device, "device_name": _device_name(device),
             "torch_version": torch.__version__, "backend": bn_functional.get_backend(), "cpu_cores": os.cpu_count(),
-            "preset": preset, "overrides": base, "runs": n_runs, "repeats": repeats, "rows": rows}
+            "preset": preset, "overrides": base, "runs": n_runs[0], "repeats": len(m.samples[first]), "rows": rows,
+            "ratios": {label: r.to_json() for label, r in m.ratios.items()}}
 
 
 def format_table(result: dict) -> str:
-    header = ["jobs", "seconds", "runs/min", f"vs jobs={result['rows'][0]['jobs']}"]
-    lines = [[str(r["jobs"]), f"{r['seconds']:.1f}", f"{r['runs_per_min']:.2f}", f"{r['ratio']:.2f}x"]
-             for r in result["rows"]]
+    header = ["jobs", "seconds", "runs/min", f"speed-up over jobs={result['rows'][0]['jobs']} (min, max, pairs)"]
+    lines = [[str(r["jobs"]), f"{r['seconds']:.1f}", f"{r['runs_per_min']:.2f}",
+              Spread.from_json(r["speedup"]).text() if r["speedup"] else "1.00x"] for r in result["rows"]]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
     what = f"preset {result['preset']} " if result["preset"] else ""
     title = (f"{result['benchmark']} on {result['device']} ({result['device_name']}), torch {result['torch_version']}, "
              f"BN backend {result['backend']}; {result['runs']} runs: {what}{' '.join(result['overrides'])}; "
-             f"median of {result['repeats']}")
-    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+             f"median of {result['repeats']} interleaved repeats")
+    spreads = {label: Spread.from_json(d) for label, d in result["ratios"].items()}
+    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), verdict(spreads)])
 
 
 def main() -> None:
@@ -111,7 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="job counts to compare (default: 1 2)")
     ap.add_argument("--preset", default=None, help="measure a preset instead of the small grid")
-    ap.add_argument("--repeats", type=int, default=1, help="sweeps per job count (default: 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="at least this many sweeps per job count (default: 3)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides (e.g. train_size=60000)")
     a = ap.parse_args()
