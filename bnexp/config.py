@@ -319,22 +319,30 @@ def group_options(group: str, user: bool = False) -> list[str]:
 
 # ----------------------------------------------------------------------------- the user's config folder
 
-def _read_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping -> the mapping; anything else is one line naming the file."""
+def read_yaml(path: Path, what: str, fix: str | None = None, loader=None):
+    """A user's YAML file (a preset, a config option) -> its document; a file that cannot be read or
+    parsed is one line naming it, where the problem is and `fix` (default: fix the <what>).
+    `loader` None is yaml.safe_load; presets pass BaseLoader (every scalar kept as the text written)."""
     import yaml
 
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(text) if loader is None else yaml.load(text, Loader=loader)
     except UnicodeDecodeError as e:
         raise BnexpError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
                          f"save the {what} as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BnexpError(f"{path}: YAML syntax error{where} ({getattr(e, 'problem', None) or 'unreadable'}); "
-                         f"fix the {what}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BnexpError(f"{path}: YAML syntax error{where} ({problem}); {fix or f'fix the {what}'}") from None
     except OSError as e:
         raise BnexpError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def _read_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping -> the mapping; anything else is one line naming the file."""
+    doc = read_yaml(path, what)
     if not isinstance(doc, dict):
         raise BnexpError(f"{path}: a {what} must be a YAML mapping of keys to values, got "
                          f"{'an empty file' if doc is None else type(doc).__name__}")

@@ -99,19 +99,8 @@ def load_preset(name: str) -> Preset:
     path = _preset_path(name)
     # BaseLoader keeps every scalar as the text written (`on` stays "on", `1e-3` stays "1e-3"):
     # the values are override-grammar strings, not YAML values.
-    try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
-    except UnicodeDecodeError as e:
-        raise BnexpError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                         f"save the preset as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise BnexpError(f"{path}: YAML syntax error{where} ({what}); fix the file (format: the comment "
-                         f"at the top of each preset)") from None
-    except OSError as e:
-        raise BnexpError(f"{path}: cannot read the preset ({e.strerror or e})") from None
+    doc = C.read_yaml(path, "preset", "fix the file (format: the comment at the top of each preset)",
+                      loader=yaml.BaseLoader) or {}
     params = doc.get("params") if isinstance(doc, dict) else None
     arms = doc.get("arms", [{}]) if isinstance(doc, dict) else None
     if not isinstance(doc, dict) or not isinstance(doc.get("description"), str) or not isinstance(params, dict) or \
