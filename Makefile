@@ -17,11 +17,11 @@ $(BIN)/bnexp: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-test: setup  ## run the test suite (CPU; real-data tests read BNEXP_DATA_DIR, default ../shared/data)
-	$(BIN)/python -m pytest -q
+test: setup  ## run the whole test suite (CPU; real-data tests read BNEXP_DATA_DIR, default ../shared/data)
+	$(BIN)/python -m pytest -q -m ""
 
 test-fast: setup  ## only the fast tests (no slow, no real data)
-	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+	$(BIN)/python -m pytest -q
 
 bench: setup  ## benchmarks on this machine: BN layer, training epoch and TensorBoard logging vs plain PyTorch
 	$(BIN)/bnexp bench bn epoch log
