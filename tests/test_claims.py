@@ -172,3 +172,12 @@ def test_precise_bn_gain_at_small_batches(tmp_path, gain_small, verdict):
             _precise(d, 0.85 + gain)
     r = _ledger_results(tmp_path)["train_vs_inference"]
     assert r.verdict == verdict and "at batch_size 4" in r.settings[0].evidence[0]
+
+
+def test_bn_groups_that_differ_in_a_norm_key_are_not_pooled(tmp_path):
+    _arm(tmp_path, [0.13, 0.135, 0.14], bn="on", **LENET_001)                            # momentum 0.1
+    _arm(tmp_path, [0.50, 0.52, 0.51], bn="on", **{"norm.momentum": 0.5}, **LENET_001)  # another BN
+    _arm(tmp_path, [0.30, 0.31, 0.32], bn="off", **LENET_001)
+    r = _ledger_results(tmp_path)["faster_convergence"].settings[0]
+    assert r.verdict == "mixed" and len(r.held) == 2
+    assert any("norm.momentum=0.5" in e and "bn 0.51 ± 0.01 (3)" in e for e in r.evidence)

@@ -7,6 +7,7 @@ that lacks runs is `not run`, with the command that would produce them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,7 @@ import yaml
 
 from bnexp.errors import BnexpError
 from bnexp.report.figure_plan import MEASURE_FIGURES
+from bnexp.nn.kinds import KIND_KWARGS
 from bnexp.report.load import AGGREGATED, matches
 
 MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
@@ -310,19 +312,22 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     if "norm.kind" in st.arm_keys:
         skip |= {"bn", "model.dropout"}   # the BN arm brings its own dropout rule and bn shortcut
     ctx_key = sel.apply(lambda r: _context(r, keys, skip), axis=1)
-    sel = sel.assign(_ctx=ctx_key).sort_values(["_missing", "run_id"], kind="stable")
-    sel = sel.drop_duplicates(["_ctx", "_arm", "seed", *([st.over] if st.over else []), *sorted(st.arm_keys & set(sel))])
+    sel = sel.assign(_ctx=ctx_key, _nv=sel.apply(_norm_key_text, axis=1)).sort_values(["_missing", "run_id"], kind="stable")
+    sel = sel.drop_duplicates(["_ctx", "_arm", "_nv", "seed", *([st.over] if st.over else []),
+                               *sorted(st.arm_keys & set(sel))])
     ctx_key = sel["_ctx"]
     complete = sel.groupby("_ctx")["_arm"].transform("nunique") == len(st.arms)   # contexts with every arm
     varying = [k for k in keys if k not in skip and k not in USUAL and sel.loc[complete, k].map(_text).nunique() > 1]
     shown = [k for k in (*USUAL, *varying) if k in keys and k not in skip]
     result = SettingResult(st, "not run")
     short = []
-    for _, ctx in sel.groupby(ctx_key, sort=False):
-        line, held = _evaluate_context(st, ctx, _label(ctx, shown), min_seeds, separation)
-        if held is None:
-            short.append(line)
-        else:
+    for _, whole in sel.groupby(ctx_key, sort=False):
+        for ctx, variant in _norm_variants(whole, st):
+            label = ", ".join(x for x in (_label(ctx, shown), variant) if x)
+            line, held = _evaluate_context(st, ctx, label, min_seeds, separation)
+            if held is None:
+                short.append(line)
+                continue
             result.evidence.append(line)
             result.held.append(held)
             if "group" in ctx:
@@ -332,6 +337,34 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
     else:
         result.evidence = short + [f"fewer than {min_seeds} seeds per arm; run `{st.command(min_seeds)}`"]
     return result
+
+
+def _norm_key_text(row: pd.Series) -> str:
+    """The norm keys a run's kind uses besides the kind (bnexp.nn.kinds.KIND_KWARGS; what its run id
+    hashes), e.g. 'norm.momentum=0.1, norm.eps=1e-05'; '' for no normalisation."""
+    kind = row.get("norm.kind")
+    used = ("eps", *KIND_KWARGS[kind]) if KIND_KWARGS.get(kind) is not None else ()   # none: no layer, no keys
+    return ", ".join(f"norm.{k}={_text(row.get(f'norm.{k}'))}" for k in used if f"norm.{k}" in row.index)
+
+
+def _norm_variants(ctx: pd.DataFrame, st: Setting) -> list[tuple[pd.DataFrame, str]]:
+    """A context split by the norm settings of each arm when the arms are norm kinds: the context key
+    leaves norm.* out (none has no such keys to match), so two BN groups that differ in, say,
+    norm.momentum would otherwise be pooled as one arm. One (sub-context, label) per combination of
+    the arms' variants; the label is empty when every arm has one variant (the usual case)."""
+    if "norm.kind" not in st.arm_keys:
+        return [(ctx, "")]
+    variant = ctx["_nv"]
+    per_arm = [sorted(set(variant[ctx["_arm"] == a])) for a in st.arms]
+    if all(len(v) <= 1 for v in per_arm):
+        return [(ctx, "")]
+    out = []
+    for combo in itertools.product(*per_arm):
+        mask = pd.Series(False, index=ctx.index)
+        for arm, v in zip(st.arms, combo):
+            mask |= (ctx["_arm"] == arm) & (variant == v)
+        out.append((ctx[mask], "; ".join(f"{a}: {v}" for a, v in zip(st.arms, combo) if v)))
+    return out
 
 
 def _evaluate_context(st: Setting, ctx: pd.DataFrame, label: str, min_seeds: int, separation: float
