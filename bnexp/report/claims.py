@@ -21,6 +21,7 @@ import yaml
 from bnexp.errors import BnexpError
 from bnexp.report.figure_plan import MEASURE_FIGURES
 from bnexp.nn.kinds import KIND_KWARGS
+from bnexp.report.aggregate import fmt_value
 from bnexp.report.load import AGGREGATED, matches
 
 MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
@@ -206,10 +207,10 @@ def quantity_values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | 
 def _values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | None) -> pd.Series:
     if quantity == "gap":
         return runs["train_acc"].astype(float) - runs["test_acc"].astype(float)
-    if quantity in runs.columns and quantity != "drift":
-        return runs[quantity].astype(float)
     if quantity == "drift":
         return pd.Series([_drift(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
+    if quantity in runs.columns:
+        return runs[quantity].astype(float)
     if quantity == "precise_gain":
         final = pd.Series([_precise_acc(Path(d)) for d in runs["dir"]], index=runs.index, dtype=float)
         return final - runs["test_acc"].astype(float)
@@ -270,13 +271,7 @@ def _largest_trained(outcomes: dict[float, list[str]], min_seeds: int) -> float:
 # ---------------------------------------------------------------- evaluation
 
 def _context(row: pd.Series, keys: list[str], skip: set[str]) -> str:
-    return repr([(k, _text(row[k])) for k in keys if k not in skip])
-
-
-def _text(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "null"
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return repr([(k, fmt_value(row[k])) for k in keys if k not in skip])
 
 
 USUAL = ("lr", "batch_size", "epochs", "train_size")   # shown for every context (train_size when set)
@@ -285,7 +280,7 @@ USUAL = ("lr", "batch_size", "epochs", "train_size")   # shown for every context
 def _label(ctx: pd.DataFrame, shown: list[str]) -> str:
     """What distinguishes a context to a reader: the usual keys and those that vary between the contexts."""
     row = ctx.iloc[0]
-    return ", ".join(f"{k}={_text(row[k])}" for k in shown if not (k == "train_size" and _text(row[k]) == "null"))
+    return ", ".join(f"{k}={fmt_value(row[k])}" for k in shown if not (k == "train_size" and fmt_value(row[k]) == "null"))
 
 
 def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds: int,
@@ -317,7 +312,7 @@ def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds
                                *sorted(st.arm_keys & set(sel))])
     ctx_key = sel["_ctx"]
     complete = sel.groupby("_ctx")["_arm"].transform("nunique") == len(st.arms)   # contexts with every arm
-    varying = [k for k in keys if k not in skip and k not in USUAL and sel.loc[complete, k].map(_text).nunique() > 1]
+    varying = [k for k in keys if k not in skip and k not in USUAL and sel.loc[complete, k].map(fmt_value).nunique() > 1]
     shown = [k for k in (*USUAL, *varying) if k in keys and k not in skip]
     result = SettingResult(st, "not run")
     short = []
@@ -344,7 +339,7 @@ def _norm_key_text(row: pd.Series) -> str:
     hashes), e.g. 'norm.momentum=0.1, norm.eps=1e-05'; '' for no normalisation."""
     kind = row.get("norm.kind")
     used = ("eps", *KIND_KWARGS[kind]) if KIND_KWARGS.get(kind) is not None else ()   # none: no layer, no keys
-    return ", ".join(f"norm.{k}={_text(row.get(f'norm.{k}'))}" for k in used if f"norm.{k}" in row.index)
+    return ", ".join(f"norm.{k}={fmt_value(row.get(f'norm.{k}'))}" for k in used if f"norm.{k}" in row.index)
 
 
 def _norm_variants(ctx: pd.DataFrame, st: Setting) -> list[tuple[pd.DataFrame, str]]:
@@ -367,6 +362,15 @@ def _norm_variants(ctx: pd.DataFrame, st: Setting) -> list[tuple[pd.DataFrame, s
     return out
 
 
+def _extremes(g: pd.DataFrame, over: str, min_seeds: int) -> tuple | None:
+    """((smallest `over` value, its quantities), (largest, its quantities)) among the values of `over`
+    with at least min_seeds recorded quantities in `g`; None when fewer than two such values exist."""
+    values = sorted(v for v, gg in g.groupby(over) if gg["_q"].notna().sum() >= min_seeds)
+    if len(values) < 2:
+        return None
+    return tuple((v, g.loc[g[over] == v, "_q"].to_numpy(float)) for v in (values[0], values[-1]))
+
+
 def _evaluate_context(st: Setting, ctx: pd.DataFrame, label: str, min_seeds: int, separation: float
                       ) -> tuple[str, bool | None]:
     """(evidence line, whether the test holds, or None when an arm has fewer than min_seeds seeds)."""
@@ -379,29 +383,27 @@ def _evaluate_context(st: Setting, ctx: pd.DataFrame, label: str, min_seeds: int
         if any(sum(len(o) >= min_seeds for o in per[a].values()) < 2 for a in arms):
             return where + f"fewer than 2 learning rates with {min_seeds} seeds in an arm", None
         top = {a: _largest_trained(per[a], min_seeds) for a in arms}
-        text = "; ".join(f"{a} trains up to lr {_text(top[a]) if top[a] > -math.inf else 'none'} "
-                         f"(of {', '.join(_text(x) for x in sorted(per[a]))})" for a in arms)
+        text = "; ".join(f"{a} trains up to lr {fmt_value(top[a]) if top[a] > -math.inf else 'none'} "
+                         f"(of {', '.join(fmt_value(x) for x in sorted(per[a]))})" for a in arms)
         return where + text, bool(top[arms[0]] > top[arms[1]])
     if st.test == "larger_at_small":
-        g = ctx[ctx["_arm"] == arms[0]]
-        sizes = sorted(s for s, gg in g.groupby(st.over) if gg["_q"].notna().sum() >= min_seeds)
-        if len(sizes) < 2:
+        ends = _extremes(ctx[ctx["_arm"] == arms[0]], st.over, min_seeds)
+        if ends is None:
             return where + f"fewer than 2 {st.over} values with {min_seeds} seeds", None
-        lo, hi = (g.loc[g[st.over] == s, "_q"].to_numpy(float) for s in (sizes[0], sizes[-1]))
-        text = (f"{arms[0]} {st.quantity} {fmt(lo)} at {st.over} {_text(sizes[0])} vs {fmt(hi)} at "
-                f"{_text(sizes[-1])}")
+        (small, lo), (large, hi) = ends
+        text = (f"{arms[0]} {st.quantity} {fmt(lo)} at {st.over} {fmt_value(small)} vs {fmt(hi)} at "
+                f"{fmt_value(large)}")
         return where + text, bool(_stats(lo)[0] > _stats(hi)[0] + st.tolerance)
     if st.test == "smaller_drop":
         drops, parts = {}, []
         for a in arms:
-            g = ctx[ctx["_arm"] == a]
-            sizes = sorted(s for s, gg in g.groupby(st.over) if gg["_q"].notna().sum() >= min_seeds)
-            if len(sizes) < 2:
+            ends = _extremes(ctx[ctx["_arm"] == a], st.over, min_seeds)
+            if ends is None:
                 return where + f"{a}: fewer than 2 {st.over} values with {min_seeds} seeds", None
-            lo, hi = (g.loc[g[st.over] == s, "_q"].to_numpy(float) for s in (sizes[0], sizes[-1]))
+            (small, lo), (large, hi) = ends
             drops[a] = _stats(hi)[0] - _stats(lo)[0]
-            parts.append(f"{a} {st.quantity} {fmt(hi)} at {st.over} {_text(sizes[-1])} -> {fmt(lo)} at "
-                         f"{_text(sizes[0])} (drop {drops[a]:.3f})")
+            parts.append(f"{a} {st.quantity} {fmt(hi)} at {st.over} {fmt_value(large)} -> {fmt(lo)} at "
+                         f"{fmt_value(small)} (drop {drops[a]:.3f})")
         return where + "; ".join(parts), bool(drops[arms[0]] + st.tolerance < drops[arms[1]])
     vals = []
     for a in arms:
