@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from . import data, engine
-from .nn.kinds import BATCH_STAT_KINDS
 
 SEED_OFFSET = 7_919  # the permutation's seed is seed * 1_000_003 + SEED_OFFSET, apart from every epoch's order
 
@@ -45,9 +44,10 @@ def precise_batches(n_train: int, batch_size: int, k: int, seed: int) -> list[to
 
 
 @torch.no_grad()
-def recompute(model: nn.Module, train: data.Split, batch_size: int, k: int, seed: int,
+def recompute(model: nn.Module, train: data.Split, batches: list[torch.Tensor],
               opts: engine.ExecOptions = engine.ExecOptions()) -> nn.Module:
-    """A copy of `model` whose running statistics are the equal-weight average over K training batches."""
+    """A copy of `model` whose running statistics are the equal-weight average over the training
+    batches `batches` (index tensors, precise_batches')."""
     twin = copy.deepcopy(model)
     layers = statistic_layers(twin)
     for m in layers:
@@ -61,15 +61,10 @@ def recompute(model: nn.Module, train: data.Split, batch_size: int, k: int, seed
             m.eval()
     device = train.x.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for idx in precise_batches(len(train), batch_size, k, seed):
+        for idx in batches:
             idx = idx.to(device)
             xb = engine.model_input(train.x[idx], twin.input_size, opts.channels_last)
             with engine.autocast(device, opts.precision):
                 twin(xb)
     twin.eval()
     return twin
-
-
-def applies(kind: str) -> bool:
-    """Whether precise BN changes anything for a norm kind (only kinds with running statistics)."""
-    return kind in BATCH_STAT_KINDS

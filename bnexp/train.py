@@ -475,10 +475,11 @@ def _precise_evaluation(s: Setup, cfg, state: dict, epoch: int, step: int, tb) -
     """precise_bn: the test set with population statistics recomputed over precise_bn training batches,
     on a copy of the model (bnexp/precise.py), recorded beside the epoch's usual evaluation."""
     t = time.perf_counter()
-    twin = precise.recompute(s.model, s.train, cfg.batch_size, cfg.precise_bn, cfg.seed, s.opts)
+    batches = precise.precise_batches(len(s.train), cfg.batch_size, cfg.precise_bn, cfg.seed)
+    twin = precise.recompute(s.model, s.train, batches, s.opts)
     test_loss, test_acc = evaluate(twin, s.test, cfg.batch_size, s.opts)
     state["precise"].append({"epoch": epoch, "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
-                             "batches": len(precise.precise_batches(len(s.train), cfg.batch_size, cfg.precise_bn, cfg.seed))})
+                             "batches": len(batches)})
     tb.scalars({"epoch/test_loss_precise": test_loss, "epoch/test_acc_precise": test_acc}, step)
     state["precise_seconds"] += time.perf_counter() - t
 

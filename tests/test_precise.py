@@ -27,7 +27,7 @@ def test_recompute_is_the_equal_weight_average_of_the_batch_statistics_and_touch
     train = _split()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    twin = precise.recompute(model, train, 16, 4, seed=3)
+    twin = precise.recompute(model, train, precise.precise_batches(len(train), 16, 4, seed=3))
     # the first norm layer sees conv1's output: its recomputed mean / var are the mean over the 4 batches
     means, variances = [], []
     with torch.no_grad():
@@ -54,7 +54,8 @@ def test_batches_depend_on_the_seed_only_and_skip_a_last_single_sample():
 def test_brn_recomputes_with_bn_forward():
     torch.manual_seed(0)
     model = build_model("lenet5", "brn", 10, 1, 28)
-    twin = precise.recompute(model, _split(), 16, 2, seed=0)
+    train = _split()
+    twin = precise.recompute(model, train, precise.precise_batches(len(train), 16, 2, seed=0))
     assert all(m.r_max == 1.0 and m.d_max == 0.0 for m in precise.statistic_layers(twin))
     assert all(m.r_max == 3.0 for m in precise.statistic_layers(model))
 
