@@ -12,8 +12,11 @@ _EXPORTS = {
     "BatchRenorm1d": "batchrenorm", "BatchRenorm2d": "batchrenorm",
     "GhostBatchNorm1d": "ghostnorm", "GhostBatchNorm2d": "ghostnorm",
     "NoisyBatchNorm1d": "noisynorm", "NoisyBatchNorm2d": "noisynorm",
+    "SyncBatchNorm1d": "syncbatchnorm", "SyncBatchNorm2d": "syncbatchnorm",
+    "convert_sync_batchnorm": "syncbatchnorm",
     "make_norm": "norms",
-    "NORM_KINDS": "kinds", "BATCH_STAT_KINDS": "kinds", "DIMS1_KINDS": "kinds", "check_norm": "kinds",
+    "NORM_KINDS": "kinds", "BATCH_STAT_KINDS": "kinds", "DIMS1_KINDS": "kinds", "SYNC_KINDS": "kinds",
+    "check_norm": "kinds",
 }
 
 __all__ = list(_EXPORTS)

@@ -25,6 +25,9 @@ groups > C // 2 is a ValueError.
 NORM_KINDS = ("bn", "torch", "none", "gn", "ln", "in", "brn", "ghost", "noisy")
 BATCH_STAT_KINDS = ("bn", "torch", "brn", "ghost", "noisy")  # need > 1 value per channel when training
 DIMS1_KINDS = tuple(k for k in NORM_KINDS if k != "in")  # defined for fully connected (N, C) inputs
+# kinds whose batch statistics can span all processes (norm.sync=true; bnexp.nn.syncbatchnorm): brn, ghost
+# and torch have batch statistics too, but their layers are not synchronised (the converter says why)
+SYNC_KINDS = ("bn", "noisy")
 DEFAULT_GROUPS = 32  # Wu & He 2018, section 4: G = 32 is their default
 
 # Keywords each kind accepts beyond the common ones (eps, affine, device, dtype).
