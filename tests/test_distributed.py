@@ -1,0 +1,112 @@
+"""bnexp.distributed: shards of the global batch, torchrun's environment, checks, the timeout."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bnexp import data
+from bnexp import distributed as D
+from bnexp.errors import BnexpError
+
+
+def test_shards_of_every_global_batch_cover_it_once_in_order():
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    sizes = D.global_batch_sizes(data.batch_sizes(23, 8, shuffled=True, drop_last=False), 8, 2)
+    assert sizes == [8, 8, 7]
+    shards = [D.local_order(order, sizes, r, 2) for r in range(2)]
+    assert [s[1] for s in shards] == [[4, 4, 4], [4, 4, 3]]
+    rebuilt, starts = [], [0, 0]
+    for step, size in enumerate(sizes):  # shard 0 then shard 1 of each batch: the global batch, in order
+        for r, (idx, local) in enumerate(shards):
+            rebuilt.append(idx[starts[r]:starts[r] + local[step]])
+            starts[r] += local[step]
+    assert torch.equal(torch.cat(rebuilt), order[:23])
+
+
+def test_partial_batch_too_small_for_two_samples_per_process_is_dropped():
+    assert D.global_batch_sizes([8, 8, 3], 8, 2) == [8, 8]  # a shard of 1: per-process BN fails on it
+    assert D.global_batch_sizes([8, 8, 4], 8, 2) == [8, 8, 4]
+    assert D.global_batch_sizes([8, 8, 3], 8, 1) == [8, 8, 3]  # one process: data.batch_sizes' rule alone
+
+
+def test_loss_weights_make_the_average_the_global_mean():
+    sizes = [8, 7]
+    weights = [D.loss_weights(sizes, r, 2) for r in range(2)]
+    assert weights[0][0] == weights[1][0] == 1.0  # full batches: equal shards, the mean as it is
+    # shard means weighted w_r, averaged over 2 processes: (sum_0 / 4 * w_0 + sum_1 / 3 * w_1) / 2 = (sum_0 + sum_1) / 7
+    assert weights[0][1] / 2 == pytest.approx(4 / 7) and weights[1][1] / 2 == pytest.approx(3 / 7)
+
+
+def test_place_from_torchrun_environment():
+    assert D.from_env({}) == D.Place(0, 1, 0) and D.from_env({}).main
+    place = D.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert place == D.Place(1, 2, 1) and not place.main
+    with pytest.raises(BnexpError, match="must be integers"):
+        D.from_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("nproc, batch, device, message", [
+    (0, 8, "cpu", "nproc must be a positive integer"),
+    (3, 8, "cpu", "batch_size=8 does not divide by nproc=3"),
+])
+def test_check_nproc_refuses(nproc, batch, device, message):
+    with pytest.raises(BnexpError, match=message):
+        D.check_nproc(nproc, batch, device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
+def test_check_nproc_cuda_without_gpus():
+    with pytest.raises(BnexpError, match="CUDA is not available"):
+        D.check_nproc(2, 8, "cuda")
+    D.check_nproc(2, 8, "auto")  # auto on a CPU machine: CPU processes
+    D.check_nproc(2, 8, "cpu")
+
+
+def test_port_in_use_is_refused():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(BnexpError, match=f"MASTER_PORT={port} on 127.0.0.1 is in use"):
+            D.launch_args(2, ["epochs=1"], {"MASTER_PORT": str(port)})
+    args = D.launch_args(2, ["epochs=1"], {})  # unset: a free port
+    assert args[-4:] == ["-m", "bnexp", "train", "epochs=1"] and "--master-port" in args
+    with pytest.raises(BnexpError, match="must be a port number"):
+        D.launch_args(2, [], {"MASTER_PORT": "http"})
+
+
+def test_timeout_setting():
+    assert D.timeout_s({}) == D.DEFAULT_TIMEOUT_S
+    assert D.timeout_s({D.TIMEOUT_ENV: "2.5"}) == 2.5
+    with pytest.raises(BnexpError, match="positive number of seconds"):
+        D.timeout_s({D.TIMEOUT_ENV: "0"})
+
+
+def _hung_peer(rank, port, out):
+    os.environ.update({D.TIMEOUT_ENV: "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    place = D.Place(rank, 2, rank)
+    D.init(place, "cpu")
+    if rank == 1:  # hangs: never joins the collective
+        time.sleep(6)
+        return
+    t = time.perf_counter()
+    try:
+        dist.all_reduce(torch.ones(2))
+    except RuntimeError as e:
+        err = D.timeout_error(e, place)
+        with open(out, "w") as f:
+            f.write(f"{time.perf_counter() - t:.1f} {err}")
+
+
+@pytest.mark.slow
+def test_hung_peer_fails_with_one_line_after_the_timeout(tmp_path):
+    out = tmp_path / "out"
+    mp.spawn(_hung_peer, args=(D.free_port(), str(out)), nprocs=2, join=True)
+    seconds, message = out.read_text().split(" ", 1)
+    assert 1.5 < float(seconds) < 5
+    assert message.startswith("rank 0 of 2: no answer from the other processes within 2 s")
