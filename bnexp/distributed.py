@@ -7,7 +7,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and joins the process group: g
 NCCL on CUDA with one GPU per process (cuda:LOCAL_RANK).
 
     data        every process draws the same seeded per-epoch permutation and takes its
-                contiguous shard of each global batch (`local_order`): the global batch of a step
+                contiguous shard of each global batch (`shard_bounds`; engine.StepProgram): the global batch of a step
                 is the same set of images whatever N is. batch_size is the global batch and must
                 divide by N; an epoch's partial last batch is split as evenly as it goes, and
                 dropped when it cannot give every process 2 samples (per-process BN needs 2)
@@ -154,23 +154,19 @@ def global_batch_sizes(sizes: list[int], batch_size: int, world: int) -> list[in
     return sizes
 
 
-def local_order(order, sizes: list[int], rank: int, world: int):
-    """(this rank's samples of the epoch in step order, its batch sizes): shard `rank` of every global
-    batch of `sizes` taken from the permutation `order`."""
-    import torch
-
-    parts, local, start = [], [], 0
-    for size in sizes:
-        lo, hi = shard_bounds(size, rank, world)
-        parts.append(order[start + lo:start + hi])
-        local.append(hi - lo)
-        start += size
-    return (torch.cat(parts) if parts else order[:0]), local
+def loss_weight(size: int, rank: int, world: int) -> float:
+    """The factor on this rank's mean loss over its shard of a global batch of `size` that makes DDP's
+    average of the gradients the gradient of the global batch's mean loss: shard * world / size."""
+    lo, hi = shard_bounds(size, rank, world)
+    return (hi - lo) * world / size
 
 
-def loss_weights(sizes: list[int], rank: int, world: int) -> list[float]:
-    """Per step, the factor on this rank's mean loss that makes DDP's gradient average the global mean's."""
-    return [(shard_bounds(s, rank, world)[1] - shard_bounds(s, rank, world)[0]) * world / s for s in sizes]
+def all_reduce_sum(t):
+    """`t` summed over the processes (in place), for the step's records."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
 
 
 # ----------------------------------------------------------------------------- checks and the launcher

@@ -16,6 +16,12 @@ once into a CUDA graph (`torch.cuda.graph`) and every full batch of an epoch is 
 the same function eagerly. Elsewhere, and with `cuda_graphs=off`, every step runs eagerly; the
 numbers are the same either way up to floating-point reassociation.
 
+In a data-parallel run (distributed.py) every process holds the same global `order` and steps on
+its contiguous shard of each global batch (`shard` = (rank, world size)); `model` is then the
+DDP-wrapped model, each process's mean loss is weighted so that DDP's gradient average is the global
+batch's, and the recorded loss and correct count are the global batch's (one all-reduce of two
+numbers per step), so every process holds the same records and stops at the same non-finite loss.
+
 Capturing needs warm-up steps first (lazy optimiser state, kernel compilation); they change
 the model. Everything they change is restored afterwards (parameters, buffers, optimiser
 state, random generators), so a captured run follows the same trajectory as an eager one.
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import data, distributed
 from .errors import BnexpError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -147,11 +153,14 @@ class StepProgram:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: data.Split,
                  batch_size: int, drop_last: bool, device: torch.device, opts: ExecOptions,
-                 use_graphs: bool = False, graph_factory=CudaGraph):
+                 use_graphs: bool = False, graph_factory=CudaGraph, shard: tuple[int, int] = (0, 1), reduce=None):
         self.model, self.optimizer, self.train, self.device, self.opts = model, optimizer, train, device, opts
         n = len(train)
         self.batch_size = batch_size
-        self.batch_sizes = data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last)
+        self.shard, self.reduce = shard, reduce  # (rank, world size); reduce: the all-reduce (sum) of a tensor
+        # the global batches (every process's records count them)
+        self.batch_sizes = distributed.global_batch_sizes(
+            data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last), batch_size, shard[1])
         self.full = n // batch_size  # full batches: the captured step; then the partial one, if kept
         self.steps = len(self.batch_sizes)
         self.order = torch.arange(n, device=device)
@@ -162,19 +171,28 @@ class StepProgram:
         self.graph_factory = graph_factory
         self.graph = None
 
-    def _step(self, idx: torch.Tensor) -> None:
-        """One optimisation step on the samples `idx`; results land at [counter]. Static: capturable."""
+    def _step(self, batch: torch.Tensor) -> None:
+        """One optimisation step on this process's shard of the global batch `batch` (sample indices);
+        results land at [counter]. Static: capturable."""
+        rank, world = self.shard
+        lo, hi = distributed.shard_bounds(len(batch), rank, world)
+        idx = batch[lo:hi] if world > 1 else batch
         xb = model_input(self.train.x[idx], self.model.input_size, self.opts.channels_last)
         yb = self.train.y[idx]
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.opts.precision):
             out = self.model(xb)
             loss = F.cross_entropy(out, yb)
-        loss.backward()
+        weight = distributed.loss_weight(len(batch), rank, world)
+        (loss * weight if weight != 1.0 else loss).backward()
         self.optimizer.step()
         with torch.no_grad():
-            self.losses.index_copy_(0, self.counter, loss.detach().float().view(1))
-            self.correct.index_copy_(0, self.counter, (out.argmax(1) == yb).sum().view(1))
+            loss, correct = loss.detach().float().view(1), (out.argmax(1) == yb).sum().view(1)
+            if self.reduce is not None:  # the global batch's mean loss and correct count
+                total = self.reduce(torch.cat([loss * (hi - lo), correct.float()]))
+                loss, correct = total[:1] / len(batch), total[1:].round().long()
+            self.losses.index_copy_(0, self.counter, loss)
+            self.correct.index_copy_(0, self.counter, correct)
             self.counter += 1
 
     def _full_step(self) -> None:
@@ -182,7 +200,8 @@ class StepProgram:
         self._step(rows.index_select(0, self.counter).view(-1))
 
     def _rest_step(self) -> None:
-        self._step(self.order[self.full * self.batch_size:])
+        start = self.full * self.batch_size
+        self._step(self.order[start:start + self.batch_sizes[-1]])
 
     def _capture(self) -> None:
         """Warm up, capture the full-batch step, and undo everything the warm-up changed."""

@@ -9,23 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bnexp import data
 from bnexp import distributed as D
 from bnexp.errors import BnexpError
 
 
-def test_shards_of_every_global_batch_cover_it_once_in_order():
-    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
-    sizes = D.global_batch_sizes(data.batch_sizes(23, 8, shuffled=True, drop_last=False), 8, 2)
-    assert sizes == [8, 8, 7]
-    shards = [D.local_order(order, sizes, r, 2) for r in range(2)]
-    assert [s[1] for s in shards] == [[4, 4, 4], [4, 4, 3]]
-    rebuilt, starts = [], [0, 0]
-    for step, size in enumerate(sizes):  # shard 0 then shard 1 of each batch: the global batch, in order
-        for r, (idx, local) in enumerate(shards):
-            rebuilt.append(idx[starts[r]:starts[r] + local[step]])
-            starts[r] += local[step]
-    assert torch.equal(torch.cat(rebuilt), order[:23])
+def test_shards_of_a_batch_cover_it_once_in_order():
+    for size, world in ((8, 2), (7, 2), (9, 4), (2, 4)):
+        bounds = [D.shard_bounds(size, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in rank order
+        assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
 
 
 def test_partial_batch_too_small_for_two_samples_per_process_is_dropped():
@@ -35,11 +28,10 @@ def test_partial_batch_too_small_for_two_samples_per_process_is_dropped():
 
 
 def test_loss_weights_make_the_average_the_global_mean():
-    sizes = [8, 7]
-    weights = [D.loss_weights(sizes, r, 2) for r in range(2)]
-    assert weights[0][0] == weights[1][0] == 1.0  # full batches: equal shards, the mean as it is
-    # shard means weighted w_r, averaged over 2 processes: (sum_0 / 4 * w_0 + sum_1 / 3 * w_1) / 2 = (sum_0 + sum_1) / 7
-    assert weights[0][1] / 2 == pytest.approx(4 / 7) and weights[1][1] / 2 == pytest.approx(3 / 7)
+    assert D.loss_weight(8, 0, 2) == D.loss_weight(8, 1, 2) == 1.0  # equal shards: the mean as it is
+    assert D.loss_weight(8, 0, 1) == 1.0
+    # 7 samples as 4 + 3: (mean_0 * w_0 + mean_1 * w_1) / 2 = (sum_0 + sum_1) / 7
+    assert D.loss_weight(7, 0, 2) / 2 == pytest.approx(4 / 7) and D.loss_weight(7, 1, 2) / 2 == pytest.approx(3 / 7)
 
 
 def test_place_from_torchrun_environment():
