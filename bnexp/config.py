@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import measures_format as MF
 from .errors import BnexpError
-from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
+from .distributed import check_split  # torch-free
+from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS, SYNC_KINDS, SYNC_REFUSED  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
 # A user's own config folder (`--config-dir DIR` sets it for the command and the processes it starts):
@@ -45,7 +46,7 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
 # Keys added after run ids were first published: at these values they are left out of the hash,
 # so runs made before the key existed keep their ids.
 HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "precise_bn": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
-                 "model.norm_position": "before", "model.init": "default"}
+                 "model.norm_position": "before", "model.init": "default", "nproc": 1, "norm.sync": False}
 
 # bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
 BN_BACKENDS = ("auto", "compiled", "eager", "triton")
@@ -104,6 +105,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "cuda_graphs": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "threads": (lambda v: v == "auto" or _positive_int(v), "auto or a positive integer"),
+    "nproc": (_positive_int, "a positive integer (the processes of the run)"),
     "model.name": (lambda v: isinstance(v, str), "a model name"),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
     "model.activation": (lambda v: v in ("relu", "sigmoid", "tanh"), "relu, sigmoid or tanh"),
@@ -124,6 +126,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.d_max_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
     "norm.ghost_size": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
     "norm.noise": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
+    "norm.sync": (lambda v: isinstance(v, bool), "true or false"),
     "norm.backend": (lambda v: v in BN_BACKENDS, " or ".join(BN_BACKENDS)),
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -184,7 +187,7 @@ def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
                                  for m in flat["measure_steps"]]
     if isinstance(flat.get("cuda_graphs"), bool):  # YAML reads on/off as booleans
         flat["cuda_graphs"] = "on" if flat["cuda_graphs"] else "off"
-    for key in ("drop_last", "progress", "channels_last", "data.verify", "norm.biased_running_var"):
+    for key in ("drop_last", "progress", "channels_last", "data.verify", "norm.biased_running_var", "norm.sync"):
         v = flat.get(key)
         if isinstance(v, str) and v.lower() in BOOL_WORDS:
             flat[key] = BOOL_WORDS[v.lower()]
@@ -210,6 +213,26 @@ def _check_batch_statistics(flat: dict) -> None:
         if flat[key] == 1:
             raise BnexpError(f"{key}=1 with batch normalisation (norm={flat['norm.kind']}): {what} needs at "
                              f"least 2 samples for batch statistics; use {key}=2 or more, or bn=off")
+
+
+def per_process_statistics(kind: str, sync: bool, nproc: int) -> bool:
+    """Whether each process of the run normalises with its own batch statistics: a batch-statistics
+    norm without sync on several processes (the numbers then depend on nproc)."""
+    return nproc > 1 and kind in BATCH_STAT_KINDS and not sync
+
+
+def _check_processes(flat: dict) -> None:
+    """nproc splits batch_size evenly; norm.sync needs a layer that synchronises; per-process batch
+    statistics need 2 samples per process."""
+    kind, nproc = flat["norm.kind"], flat["nproc"]
+    check_split(nproc, flat["batch_size"])
+    if flat["norm.sync"] and kind not in SYNC_KINDS:
+        raise BnexpError(f"norm.sync=true with norm={kind}: {SYNC_REFUSED[kind]}; use norm={' or norm='.join(SYNC_KINDS)}, "
+                         f"or norm.sync=false")
+    if per_process_statistics(kind, flat["norm.sync"], nproc) and flat["batch_size"] // nproc < 2:
+        raise BnexpError(f"batch_size={flat['batch_size']} on nproc={nproc} processes leaves "
+                         f"{flat['batch_size'] // nproc} sample per process for norm={kind}'s per-process batch "
+                         f"statistics; use batch_size >= {2 * nproc}, or norm.sync=true")
 
 
 def _check_measure(names: list[str]) -> None:
@@ -252,6 +275,7 @@ def validate(raw: dict) -> dict:
     if flat["precise_bn"] and flat["norm.kind"] not in BATCH_STAT_KINDS:
         raise BnexpError(f"precise_bn={flat['precise_bn']} needs a norm with running statistics ({', '.join(BATCH_STAT_KINDS)}); "
                          f"norm={flat['norm.kind']} has none to recompute: use precise_bn=0")
+    _check_processes(flat)
     if flat["norm.kind"] == "ghost" and (flat["norm.ghost_size"] or 0) > flat["batch_size"]:
         raise BnexpError(f"norm.ghost_size={flat['norm.ghost_size']} is larger than batch_size={flat['batch_size']}: "
                          f"a virtual batch is part of a batch; use norm.ghost_size <= {flat['batch_size']}")
@@ -658,6 +682,10 @@ def identity(cfg: DictConfig) -> dict:
     if not d.get("measure"):
         for key in MEASURE_KEYS:
             d.pop(key, None)
+    # nproc changes the numbers only through per-process batch statistics (with sync, or without batch
+    # statistics, N processes compute the one-process run up to the order of floating-point sums)
+    if not per_process_statistics(d["norm"]["kind"], d["norm"].get("sync", False), d.get("nproc", 1)):
+        d.pop("nproc", None)
     # Only the keys the norm kind uses (bnexp.nn.kinds.KIND_KWARGS) can change the numbers: none has
     # no layers, GroupNorm no running statistics, and BN no groups (the same keys as before the family).
     kind = d["norm"]["kind"]
@@ -701,5 +729,6 @@ def run_id(cfg: DictConfig) -> str:
     """Readable prefix + hash of the identity, e.g. lenet5-fashion_mnist-bn-sgd-lr0.5-bs512-e20-s0-3f9c2a1b0d."""
     prefix = (f"{cfg.model.name}-{cfg.data.name}-{cfg.norm.kind}-{cfg.optim.name}"
               f"-lr{cfg.lr:g}-bs{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}"
-              + ("" if cfg.precision == "fp32" else f"-{cfg.precision}"))
+              + ("" if cfg.precision == "fp32" else f"-{cfg.precision}")
+              + (f"-np{cfg.nproc}" if per_process_statistics(cfg.norm.kind, cfg.norm.sync, cfg.nproc) else ""))
     return f"{prefix}-{config_hash(cfg)}"

@@ -171,13 +171,15 @@ def all_reduce_sum(t):
 
 # ----------------------------------------------------------------------------- checks and the launcher
 
-def check_nproc(nproc: int, batch_size: int, device: str) -> None:
-    """nproc >= 1, a batch that divides by it, and enough GPUs for one process each on CUDA."""
-    if nproc < 1:
-        raise BnexpError(f"nproc must be a positive integer (processes of the run), got {nproc}")
+def check_split(nproc: int, batch_size: int) -> None:
+    """A global batch that divides by the processes (config.validate; nproc >= 1 is checked there)."""
     if batch_size % nproc:
         raise BnexpError(f"batch_size={batch_size} does not divide by nproc={nproc}: batch_size is the global "
                          f"batch, split equally over the processes; use a multiple of {nproc}")
+
+
+def check_gpus(nproc: int, device: str) -> None:
+    """Enough GPUs for one process each when the run is on CUDA (device=cuda, or auto on a CUDA machine)."""
     if nproc == 1 or not (device == "auto" or device.startswith("cuda")):
         return
     import torch

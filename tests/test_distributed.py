@@ -42,21 +42,18 @@ def test_place_from_torchrun_environment():
         D.from_env({"RANK": "x", "WORLD_SIZE": "2"})
 
 
-@pytest.mark.parametrize("nproc, batch, device, message", [
-    (0, 8, "cpu", "nproc must be a positive integer"),
-    (3, 8, "cpu", "batch_size=8 does not divide by nproc=3"),
-])
-def test_check_nproc_refuses(nproc, batch, device, message):
-    with pytest.raises(BnexpError, match=message):
-        D.check_nproc(nproc, batch, device)
+def test_split_and_gpus_refused():
+    with pytest.raises(BnexpError, match="batch_size=8 does not divide by nproc=3"):
+        D.check_split(3, 8)
+    D.check_split(2, 8)
+    D.check_gpus(4, "cpu")  # CPU processes: any number
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
-def test_check_nproc_cuda_without_gpus():
+def test_check_gpus_cuda_without_gpus():
     with pytest.raises(BnexpError, match="CUDA is not available"):
-        D.check_nproc(2, 8, "cuda")
-    D.check_nproc(2, 8, "auto")  # auto on a CPU machine: CPU processes
-    D.check_nproc(2, 8, "cpu")
+        D.check_gpus(2, "cuda")
+    D.check_gpus(2, "auto")  # auto on a CPU machine: CPU processes
 
 
 def test_port_in_use_is_refused():

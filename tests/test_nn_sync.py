@@ -147,7 +147,7 @@ def test_converter_keeps_parameters_buffers_and_settings():
 
 @pytest.mark.parametrize("kind, why", [("gn", "no batch statistics"), ("ln", "no batch statistics"),
                                        ("ghost", "per process"), ("brn", "not synchronised"),
-                                       ("torch", "use norm=bn")])
+                                       ("torch", "norm=bn is the same math")])
 def test_converter_refuses_layers_it_cannot_synchronise(kind, why):
     model = models.build_model("lenet5", kind, num_classes=10, in_channels=1, image_size=28)
     with pytest.raises(ValueError, match=f"cannot synchronise .*{why}"):

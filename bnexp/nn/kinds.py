@@ -28,6 +28,11 @@ DIMS1_KINDS = tuple(k for k in NORM_KINDS if k != "in")  # defined for fully con
 # kinds whose batch statistics can span all processes (norm.sync=true; bnexp.nn.syncbatchnorm): brn, ghost
 # and torch have batch statistics too, but their layers are not synchronised (the converter says why)
 SYNC_KINDS = ("bn", "noisy")
+_PER_SAMPLE = "it has no batch statistics (each sample is normalised on its own)"
+SYNC_REFUSED = {"none": "it has no norm layers", "gn": _PER_SAMPLE, "ln": _PER_SAMPLE, "in": _PER_SAMPLE,
+                "ghost": "its virtual batches are per process by definition",
+                "brn": "its r and d corrections are not synchronised (their unbiasing uses the local batch)",
+                "torch": "torch.nn.SyncBatchNorm runs on CUDA only; norm=bn is the same math, synchronised everywhere"}
 DEFAULT_GROUPS = 32  # Wu & He 2018, section 4: G = 32 is their default
 
 # Keywords each kind accepts beyond the common ones (eps, affine, device, dtype).

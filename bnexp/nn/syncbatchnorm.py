@@ -42,6 +42,7 @@ from . import functional
 from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 from .batchrenorm import _BatchRenorm
 from .ghostnorm import _GhostBatchNorm
+from .kinds import SYNC_REFUSED
 from .noisynorm import NoisyBatchNorm1d, NoisyBatchNorm2d
 
 
@@ -170,13 +171,8 @@ class SyncNoisyBatchNorm2d(_SyncBatchNorm, NoisyBatchNorm2d):
 
 SYNC_CLASSES = {BatchNorm1d: SyncBatchNorm1d, BatchNorm2d: SyncBatchNorm2d,
                 NoisyBatchNorm1d: SyncNoisyBatchNorm1d, NoisyBatchNorm2d: SyncNoisyBatchNorm2d}
-_PER_SAMPLE = "it normalises each sample on its own (no batch statistics to synchronise)"
-_REFUSED = ((torch.nn.GroupNorm, _PER_SAMPLE), (torch.nn.LayerNorm, _PER_SAMPLE),
-            (torch.nn.modules.instancenorm._InstanceNorm, _PER_SAMPLE),
-            (_GhostBatchNorm, "its virtual batches are per process by definition"),
-            (_BatchRenorm, "its r and d corrections are not synchronised yet (their unbiasing uses the local batch)"),
-            (torch.nn.modules.batchnorm._BatchNorm, "it is torch's layer; use norm=bn (the in-repo layer), or "
-             "torch.nn.SyncBatchNorm.convert_sync_batchnorm on CUDA"))
+_REFUSED = ((torch.nn.GroupNorm, "gn"), (torch.nn.LayerNorm, "ln"), (torch.nn.modules.instancenorm._InstanceNorm, "in"),
+            (_GhostBatchNorm, "ghost"), (_BatchRenorm, "brn"), (torch.nn.modules.batchnorm._BatchNorm, "torch"))
 
 
 def _synced(layer: _BatchNorm, process_group) -> _SyncBatchNorm:
@@ -197,9 +193,9 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch
         return _synced(module, process_group)
     if isinstance(module, _SyncBatchNorm):
         return module
-    for cls, why in _REFUSED:
+    for cls, kind in _REFUSED:
         if isinstance(module, cls):
-            raise ValueError(f"convert_sync_batchnorm: cannot synchronise {type(module).__name__}: {why}")
+            raise ValueError(f"convert_sync_batchnorm: cannot synchronise {type(module).__name__}: {SYNC_REFUSED[kind]}")
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child, process_group)
         if converted is not child:
