@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ def from_env(environ=os.environ) -> Place:
     except ValueError:
         raise BnexpError(f"RANK={environ['RANK']!r} WORLD_SIZE={environ['WORLD_SIZE']!r}: torchrun's variables "
                          "must be integers") from None
+
+
+def torchrun_overrides(overrides: list[str], place: Place) -> list[str]:
+    """Under torchrun, nproc is the number of processes it started (WORLD_SIZE): added to the overrides
+    when they do not give it, refused when they give another number."""
+    if place.world_size == 1:
+        return overrides
+    given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].lstrip("+~") == "nproc" and "=" in o]
+    if not given:
+        return [*overrides, f"nproc={place.world_size}"]
+    if given[-1] != str(place.world_size):
+        raise BnexpError(f"nproc={given[-1]} but torchrun started {place.world_size} processes; leave nproc out "
+                         f"under torchrun (it is WORLD_SIZE), or give nproc={place.world_size}")
+    return overrides
 
 
 def timeout_s(environ=os.environ) -> float:
@@ -248,8 +263,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
         if 2 in codes.values():  # bad input: rank 0 printed the one line
             return 2
-        rank, code = min(codes.items())
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        # the process that failed first; the others the launcher stopped (SIGTERM) are not the cause
+        rank = min(codes, key=lambda r: (codes[r] == -signal.SIGTERM, e.failures[r].timestamp, r))
+        code = codes[rank]
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         print(f"error: process of rank {rank} {how}, the others were stopped; rerun the same command to "
               f"resume from the last checkpoint", file=sys.stderr)
         return 1

@@ -99,3 +99,38 @@ def test_hung_peer_fails_with_one_line_after_the_timeout(tmp_path):
     seconds, message = out.read_text().split(" ", 1)
     assert 1.5 < float(seconds) < 5
     assert message.startswith("rank 0 of 2: no answer from the other processes within 2 s")
+
+
+def test_torchrun_sets_nproc_to_its_world_size():
+    two = D.Place(1, 2, 1)
+    assert D.torchrun_overrides(["lr=0.1"], two) == ["lr=0.1", "nproc=2"]
+    assert D.torchrun_overrides(["nproc=2"], two) == ["nproc=2"]
+    assert D.torchrun_overrides(["lr=0.1"], D.Place()) == ["lr=0.1"]
+    with pytest.raises(BnexpError, match="nproc=3 but torchrun started 2 processes"):
+        D.torchrun_overrides(["nproc=3"], two)
+
+
+def test_ranks_above_zero_write_nothing(tmp_path):
+    from bnexp import ddp
+    from bnexp.tracking import RunDir
+
+    rd = RunDir(tmp_path / "results", "some-run")
+    muted = ddp.Muted(rd)
+    assert muted.run_id == "some-run" and muted.path == rd.path and muted.acquire()
+    muted.write_metrics([{"epoch": 1}])
+    muted.save_checkpoint({})
+    muted.clear()
+    assert muted.read_info() is None and muted.read_activations() == {} and muted.load_checkpoint() is None
+    ddp.NullLog().scalars({"a": 1.0}, 3)
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(AttributeError):
+        muted.no_such_thing
+
+
+def test_one_process_sync_model_is_converted_not_wrapped():
+    from bnexp import ddp, models
+    from bnexp.nn.syncbatchnorm import SyncBatchNorm2d
+
+    model = models.build_model("lenet5", "bn", num_classes=10, in_channels=1, image_size=28)
+    run_model, step_model = ddp.models(model, True, D.Place(), torch.device("cpu"))
+    assert run_model is step_model and isinstance(dict(run_model.norm_layers())["conv1.norm"], SyncBatchNorm2d)
