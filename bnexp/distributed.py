@@ -2,39 +2,44 @@
 
 A run on N processes is started by torch's elastic launcher (torch.distributed.run), either by
 the user (`torchrun --nproc_per_node=N -m bnexp train ...`) or by bnexp itself (`bnexp train
-nproc=N`, `launch` below). Each process reads its place from torchrun's environment (RANK,
+nproc=N`, `run_on_processes` below). Each process reads its place from torchrun's environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and joins the process group: gloo on CPU,
 NCCL on CUDA with one GPU per process (cuda:LOCAL_RANK).
 
-    data        every process draws the same seeded per-epoch permutation and takes its
-                contiguous shard of each global batch (`shard_bounds`; engine.StepProgram): the global batch of a step
-                is the same set of images whatever N is. batch_size is the global batch and must
-                divide by N; an epoch's partial last batch is split as evenly as it goes, and
-                dropped when it cannot give every process 2 samples (per-process BN needs 2)
+    data        every process draws the same seeded per-epoch permutation and takes its contiguous
+                shard of each global batch (`shard_bounds`, engine.StepProgram): the global batch of a
+                step is the same set of images whatever N is. batch_size is the global batch and must
+                divide by N; an epoch's partial last batch is split as evenly as it goes, and dropped
+                when a process would get no sample (with per-process batch statistics: fewer than 2)
     loss        each process weights its mean loss by (its samples * N / the global batch), so that
                 DDP's average of the gradients is the gradient of the global batch's mean loss
     timeout     every collective gives up after $BNEXP_DIST_TIMEOUT seconds (default 300): a
                 peer that hangs fails the others with one line (`timeout_error`), never forever
-    rank 0      writes the run directory, TensorBoard and checkpoints; the others only train
+    rank 0      writes the run directory, TensorBoard and checkpoints; the others only train (ddp.py)
+    launcher    `run_on_processes(cfg)` starts cfg.nproc processes with torch's elastic launcher
+                (`bnexp train nproc=N`, a sweep's point), each running `train.run`; $MASTER_PORT, if
+                set, must be free (else a free port is taken)
 
 One process (no RANK in the environment) is exactly today's run: nothing here is called.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import BnexpError
 
 TIMEOUT_ENV = "BNEXP_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
-_TIMEOUT_WORDS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+_TIMEOUT_WORDS = ("timed out", "timeout")
+_PEER_LOST_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+PEER_LOST = "lost the other processes"  # the start of the line a process that lost its peers leaves
 
 
 # ----------------------------------------------------------------------------- this process's place
@@ -114,11 +119,14 @@ def shutdown() -> None:
 def timeout_error(e: BaseException, place: Place) -> BnexpError | None:
     """A collective that timed out or lost its peer -> one line saying so; None for other errors."""
     text = " ".join(str(e).split()).lower()
-    if not any(w in text for w in _TIMEOUT_WORDS):
+    if any(w in text for w in _PEER_LOST_WORDS):
+        why = "one of them died"
+    elif any(w in text for w in _TIMEOUT_WORDS):
+        why = f"no answer within {timeout_s():g} s: one of them hung or died (${TIMEOUT_ENV} sets the timeout)"
+    else:
         return None
-    return BnexpError(f"rank {place.rank} of {place.world_size}: no answer from the other processes within "
-                      f"{timeout_s():g} s (one of them hung or died); rerun the same command to resume from "
-                      f"the last checkpoint (${TIMEOUT_ENV} sets the timeout)")
+    return BnexpError(f"rank {place.rank} of {place.world_size} {PEER_LOST} ({why}); rerun the same command to "
+                      f"resume from the last checkpoint")
 
 
 # ----------------------------------------------------------------------------- rank-0 helpers
@@ -161,10 +169,10 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def global_batch_sizes(sizes: list[int], batch_size: int, world: int) -> list[int]:
+def global_batch_sizes(sizes: list[int], batch_size: int, world: int, min_shard: int = 1) -> list[int]:
     """An epoch's global batch sizes (data.batch_sizes) on `world` processes: a partial last batch that
-    cannot give every process 2 samples is dropped (per-process batch statistics need 2)."""
-    if world > 1 and sizes and sizes[-1] != batch_size and sizes[-1] < 2 * world:
+    cannot give every process `min_shard` samples is dropped (1; 2 for per-process batch statistics)."""
+    if world > 1 and sizes and sizes[-1] != batch_size and sizes[-1] < min_shard * world:
         return sizes[:-1]
     return sizes
 
@@ -228,56 +236,111 @@ def check_port(addr: str, port: int) -> None:
                              f"holds it: unset MASTER_PORT (bnexp picks a free port) or choose another") from None
 
 
-def launch_args(nproc: int, argv: list[str], environ=os.environ) -> list[str]:
-    """torch.distributed.run's arguments for `bnexp train` on nproc local processes (port checked)."""
-    addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    if environ.get("MASTER_PORT", "").strip():
-        raw = environ["MASTER_PORT"].strip()
-        if not raw.isdigit() or not 0 < int(raw) < 65536:
-            raise BnexpError(f"MASTER_PORT={raw!r} must be a port number (1-65535)")
-        port = int(raw)
-        check_port(addr, port)
-    else:
-        port = free_port(addr)
-    return ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "static",
-            "--master-addr", addr, "--master-port", str(port), "--max-restarts", "0",
-            "-m", "bnexp", "train", *argv]
+def rendezvous(environ=os.environ) -> tuple[str, int]:
+    """(address, port) for a run's processes to meet: $MASTER_ADDR (default 127.0.0.1) and $MASTER_PORT,
+    which must be free, or a free port when it is unset."""
+    addr = environ.get("MASTER_ADDR", "").strip() or "127.0.0.1"
+    raw = environ.get("MASTER_PORT", "").strip()
+    if not raw:
+        return addr, free_port(addr)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise BnexpError(f"MASTER_PORT={raw!r} must be a port number (1-65535)")
+    check_port(addr, int(raw))
+    return addr, int(raw)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `bnexp train argv` on nproc processes through torch's elastic launcher; the exit code.
+def _rank_main(container: dict, force: bool, messages: str):
+    """One process of a run started by `run_on_processes`: train.run under torchrun's environment.
+    Bad input and crashes leave their line in `messages`/<rank> and exit non-zero, so that the
+    launcher stops the other processes at once (instead of leaving them to the timeout)."""
+    from omegaconf import OmegaConf
 
-    The processes print their own lines (rank 0 the result or the error); a process that dies
-    (kill -9, out of memory) stops the others, and this says which one, in one line.
+    from . import train
+    from .launch import quiet_torch_warnings
+
+    quiet_torch_warnings()
+    cfg = OmegaConf.create(container)
+    OmegaConf.set_readonly(cfg, True)
+    place = from_env()
+    try:
+        return train.run(cfg, force=force)
+    except BnexpError as e:
+        _leave(messages, place, f"error {e}")
+        sys.exit(2)
+    except Exception as e:
+        line = timeout_error(e, place) or f"{type(e).__name__}: {' '.join(str(e).split())}"
+        _leave(messages, place, f"crash {line}")
+        raise
+
+
+def _leave(folder: str, place: Place, line: str) -> None:
+    with open(os.path.join(folder, str(place.rank)), "w") as f:
+        f.write(line)
+
+
+def _cpu_threads(nproc: int) -> str:
+    """OMP_NUM_THREADS for each of nproc processes: the cores shared out (threads=auto follows it)."""
+    from .execution import cpu_cores
+
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, cpu_cores() // nproc))
+
+
+def run_on_processes(cfg, force: bool = False):
+    """Train `cfg` on cfg.nproc processes started by torch's elastic launcher; rank 0's RunResult.
+
+    Bad input in the processes is raised here as the BnexpError it was. A process that crashes or
+    dies (kill -9, the out-of-memory killer) stops the others; the result is then 'failed' with a
+    line saying which process and how (the run resumes from its last checkpoint when rerun).
     """
     import logging
+    import tempfile
 
+    from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    args = get_args_parser().parse_args(launch_args(nproc, argv))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(args)
-    except ChildFailedError as e:
-        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        if 2 in codes.values():  # bad input: rank 0 printed the one line
-            return 2
-        # the process that failed first; the others the launcher stopped (SIGTERM) are not the cause
-        rank = min(codes, key=lambda r: (codes[r] == -signal.SIGTERM, e.failures[r].timestamp, r))
-        code = codes[rank]
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        print(f"error: process of rank {rank} {how}, the others were stopped; rerun the same command to "
-              f"resume from the last checkpoint", file=sys.stderr)
-        return 1
-    return 0
+    from . import config as C
+    from .tracking import RunResult
+
+    addr, port = rendezvous()
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, rdzv_backend="static",
+                          rdzv_endpoint=f"{addr}:{port}", rdzv_configs={"rank": 0}, max_restarts=0,
+                          run_id=C.run_id(cfg), monitor_interval=0.1)
+    for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn"):  # this reports the failure itself
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = _cpu_threads(cfg.nproc)
+    with tempfile.TemporaryDirectory(prefix="bnexp-ranks-") as messages:
+        try:
+            results = elastic_launch(launch, _rank_main)(OmegaConf.to_container(cfg), force, messages)
+            return results[0]
+        except ChildFailedError as e:
+            lines = {int(name): open(os.path.join(messages, name)).read() for name in os.listdir(messages)}
+            errors = [line for _, line in sorted(lines.items()) if line.startswith("error ")]
+            if errors:  # bad input (every process meets it; rank 0's line first)
+                raise BnexpError(errors[0][len("error "):]) from None
+            rank, how = _first_failure(e, lines)
+            why = f"crashed ({lines[rank][len('crash '):]})" if rank in lines else how
+            rid = C.run_id(cfg)
+            return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed",
+                             message=f"process of rank {rank} {why}; the others were stopped, rerun to resume "
+                                     f"from the last checkpoint")
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
 
 
-@contextlib.contextmanager
-def quiet_unless_main(place: Place):
-    """Silence stdout on ranks > 0: one line per run, printed by rank 0."""
-    if place.main:
-        yield
-        return
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        yield
+def _first_failure(e, lines: dict[int, str]) -> tuple[int, str]:
+    """(rank, how it ended) of the process that caused the failure: not one the launcher stopped
+    (SIGTERM), nor one that only lost its peers (`timeout_error`), unless no other is left."""
+    from .launch import exit_reason
+
+    codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+
+    def blame(r):
+        return (codes[r] == -signal.SIGTERM, PEER_LOST in lines.get(r, ""), e.failures[r].timestamp, r)
+
+    rank = min(codes, key=blame)
+    return rank, exit_reason(codes[rank])

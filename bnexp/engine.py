@@ -153,14 +153,15 @@ class StepProgram:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: data.Split,
                  batch_size: int, drop_last: bool, device: torch.device, opts: ExecOptions,
-                 use_graphs: bool = False, graph_factory=CudaGraph, shard: tuple[int, int] = (0, 1), reduce=None):
+                 use_graphs: bool = False, graph_factory=CudaGraph, shard: tuple[int, int] = (0, 1), reduce=None,
+                 min_shard: int = 1):
         self.model, self.optimizer, self.train, self.device, self.opts = model, optimizer, train, device, opts
         n = len(train)
         self.batch_size = batch_size
         self.shard, self.reduce = shard, reduce  # (rank, world size); reduce: the all-reduce (sum) of a tensor
-        # the global batches (every process's records count them)
+        # the global batches (every process's records count them); min_shard: samples a process needs
         self.batch_sizes = distributed.global_batch_sizes(
-            data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last), batch_size, shard[1])
+            data.batch_sizes(n, batch_size, shuffled=True, drop_last=drop_last), batch_size, shard[1], min_shard)
         self.full = n // batch_size  # full batches: the captured step; then the partial one, if kept
         self.steps = len(self.batch_sizes)
         self.order = torch.arange(n, device=device)

@@ -21,10 +21,12 @@ def test_shards_of_a_batch_cover_it_once_in_order():
         assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
 
 
-def test_partial_batch_too_small_for_two_samples_per_process_is_dropped():
-    assert D.global_batch_sizes([8, 8, 3], 8, 2) == [8, 8]  # a shard of 1: per-process BN fails on it
-    assert D.global_batch_sizes([8, 8, 4], 8, 2) == [8, 8, 4]
-    assert D.global_batch_sizes([8, 8, 3], 8, 1) == [8, 8, 3]  # one process: data.batch_sizes' rule alone
+def test_partial_batch_too_small_for_every_process_is_dropped():
+    assert D.global_batch_sizes([8, 8, 3], 8, 2, min_shard=2) == [8, 8]  # a shard of 1: per-process BN fails on it
+    assert D.global_batch_sizes([8, 8, 4], 8, 2, min_shard=2) == [8, 8, 4]
+    assert D.global_batch_sizes([8, 8, 3], 8, 2) == [8, 8, 3]  # 2 + 1: every process has a sample
+    assert D.global_batch_sizes([8, 8, 3], 8, 4) == [8, 8]  # 1 + 1 + 1 + 0
+    assert D.global_batch_sizes([8, 8, 3], 8, 1, min_shard=2) == [8, 8, 3]  # one process: data.batch_sizes' rule
 
 
 def test_loss_weights_make_the_average_the_global_mean():
@@ -62,11 +64,12 @@ def test_port_in_use_is_refused():
         held.listen()
         port = held.getsockname()[1]
         with pytest.raises(BnexpError, match=f"MASTER_PORT={port} on 127.0.0.1 is in use"):
-            D.launch_args(2, ["epochs=1"], {"MASTER_PORT": str(port)})
-    args = D.launch_args(2, ["epochs=1"], {})  # unset: a free port
-    assert args[-4:] == ["-m", "bnexp", "train", "epochs=1"] and "--master-port" in args
+            D.rendezvous({"MASTER_PORT": str(port)})
+    addr, port = D.rendezvous({})  # unset: a free port
+    assert addr == "127.0.0.1" and 0 < port < 65536
+    assert D.rendezvous({"MASTER_PORT": str(port)}) == ("127.0.0.1", port)
     with pytest.raises(BnexpError, match="must be a port number"):
-        D.launch_args(2, [], {"MASTER_PORT": "http"})
+        D.rendezvous({"MASTER_PORT": "http"})
 
 
 def test_timeout_setting():
@@ -80,16 +83,19 @@ def _hung_peer(rank, port, out):
     os.environ.update({D.TIMEOUT_ENV: "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     place = D.Place(rank, 2, rank)
     D.init(place, "cpu")
-    if rank == 1:  # hangs: never joins the collective
-        time.sleep(6)
+    if rank == 1:  # hangs: never joins the collective (and stays alive until rank 0 has given up)
+        deadline = time.time() + 120
+        while not os.path.exists(out) and time.time() < deadline:
+            time.sleep(0.1)
         return
     t = time.perf_counter()
     try:
         dist.all_reduce(torch.ones(2))
     except RuntimeError as e:
         err = D.timeout_error(e, place)
-        with open(out, "w") as f:
+        with open(out + ".tmp", "w") as f:
             f.write(f"{time.perf_counter() - t:.1f} {err}")
+        os.replace(out + ".tmp", out)
 
 
 @pytest.mark.slow
@@ -97,8 +103,8 @@ def test_hung_peer_fails_with_one_line_after_the_timeout(tmp_path):
     out = tmp_path / "out"
     mp.spawn(_hung_peer, args=(D.free_port(), str(out)), nprocs=2, join=True)
     seconds, message = out.read_text().split(" ", 1)
-    assert 1.5 < float(seconds) < 5
-    assert message.startswith("rank 0 of 2: no answer from the other processes within 2 s")
+    assert 1.5 < float(seconds) < 30  # 2 s, and a loaded machine
+    assert message.startswith("rank 0 of 2 lost the other processes (no answer within 2 s: one of them hung or died")
 
 
 def test_torchrun_sets_nproc_to_its_world_size():
