@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as C
-from . import data, engine, execution, measure, models, precise, probes
+from . import data, engine, execution, measure, models, precise, preflight, probes
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
@@ -88,22 +88,6 @@ class Setup:
         return self.execution["bn_backend"]
 
 
-def check_sizes(cfg, n_train: int, n_test: int) -> None:
-    """train_size / test_size within the data, and a batch that fits the training set."""
-    for key, size, n, what in (("train_size", cfg.train_size, n_train, "training"),
-                               ("test_size", cfg.test_size, n_test, "test")):
-        if size is not None and size > n:
-            raise BnexpError(f"{key}={size} exceeds the {n} {what} samples of this data set; "
-                             f"lower {key} or leave it unset")
-    n = cfg.train_size or n_train
-    if cfg.batch_size > n:
-        raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples); "
-                         f"lower batch_size or raise train_size")
-    if cfg.norm.kind != "none" and min(cfg.test_size or n_test, n_test) < 2:  # test_size=1 fails in config
-        raise BnexpError(f"the test set has {n_test} sample: the activation probe of a BN model needs at least 2 "
-                         f"(batch statistics); use other data or bn=off")
-
-
 def use_graphs(cfg, device: torch.device) -> bool:
     """Whether the run captures its training step as a CUDA graph (raises on an impossible cuda_graphs=on)."""
     momentum = cfg.norm.momentum if cfg.norm.kind in BATCH_STAT_KINDS else 0.0  # only they count batches
@@ -111,11 +95,11 @@ def use_graphs(cfg, device: torch.device) -> bool:
 
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
-    """The training and test splits on `device`, cut to train_size / test_size (slices are views)."""
+    """The training and test splits on `device`, cut to train_size / test_size (slices are views;
+    preflight.check has checked that the sizes fit)."""
     root = data.data_root(cfg.data_dir, cfg.data.name)
     train = data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify)
     test = data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify)
-    check_sizes(cfg, len(train), len(test))
     train = replace(train, x=train.x[:cfg.train_size], y=train.y[:cfg.train_size])  # [:None] keeps all
     test = replace(test, x=test.x[:cfg.test_size], y=test.y[:cfg.test_size])
     return train, test
@@ -414,7 +398,8 @@ def run(cfg, force: bool = False) -> RunResult:
     rd = RunDir(results_dir, C.run_id(cfg))
     if not force and rd.status() in FINISHED:
         return skipped_result(rd)
-    s = prepare(cfg)  # bad input fails here, before the run directory is touched
+    preflight.check(cfg)  # bad input fails here or in prepare, before the run directory is touched
+    s = prepare(cfg)
     if not rd.acquire():
         return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
     try:
