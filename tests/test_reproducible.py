@@ -34,7 +34,7 @@ if os.environ.get("BNEXP_TEST_DIE_AFTER_EPOCH"):
     _orig = T._checkpoint
     def _checkpoint(rd, s, cfg, state):
         _orig(rd, s, cfg, state)
-        if state["epoch"] == _epoch and cfg.seed == _seed:
+        if state.epoch == _epoch and cfg.seed == _seed:
             os._exit(9)
     T._checkpoint = _checkpoint
 """
