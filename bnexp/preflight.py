@@ -7,38 +7,49 @@ model's norm layers accept their inputs. `train.run` calls it before it prepares
 calls it for every point that will train before the first one starts (sweep.check_inputs).
 
 It is cheap enough for a sweep of many runs: the samples are counted from the data files' headers
-(data.split_size), once per data source for the whole sweep, and the model is built on the meta
-device (no memory, no initialisation).
+(data.split_size), once per data source for the whole sweep, and each distinct model is built
+once, on the meta device (no memory, no initialisation).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from . import data, train as T
 from .errors import BnexpError
 
-Sizes = dict[tuple, tuple[int, int]]  # (data set, data_dir, verify) -> (training samples, test samples)
+
+@dataclass
+class Seen:
+    """What earlier checks established (a sweep passes one for all of its points): the samples of each
+    data source, and the model configurations that were built."""
+    sizes: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # (data set, data_dir, verify) -> (train, test)
+    models: set[tuple] = field(default_factory=set)
 
 
-def check(cfg, sizes: Sizes | None = None) -> None:
-    """Raise BnexpError (one line) if the run `cfg` describes cannot start here. `sizes` remembers the
-    data sources already counted: a sweep passes one dict for all of its points."""
+def check(cfg, seen: Seen | None = None) -> None:
+    """Raise BnexpError (one line) if the run `cfg` describes cannot start here."""
+    seen = Seen() if seen is None else seen
     T.use_graphs(cfg, T.resolve_device(cfg.device))
-    check_sizes(cfg, *split_sizes(cfg, {} if sizes is None else sizes))
-    spec = data.DATASETS[cfg.data.name]
-    with torch.device("meta"):  # the model's norm layers accept their inputs (e.g. norm=in on an FC layer)
-        T.build(cfg, spec.num_classes, spec.in_channels, spec.image_size)
+    check_sizes(cfg, *split_sizes(cfg, seen))
+    model = (cfg.data.name, cfg.norm.kind, str(cfg.model), str(T.norm_kwargs(cfg)))  # what T.build reads
+    if model not in seen.models:
+        spec = data.DATASETS[cfg.data.name]
+        with torch.device("meta"):  # the model's norm layers accept their inputs (e.g. norm=in on an FC layer)
+            T.build(cfg, spec.num_classes, spec.in_channels, spec.image_size)
+        seen.models.add(model)
 
 
-def split_sizes(cfg, sizes: Sizes) -> tuple[int, int]:
+def split_sizes(cfg, seen: Seen) -> tuple[int, int]:
     """The training and test samples of the run's data set, counted once per data source."""
     key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
-    if key not in sizes:
+    if key not in seen.sizes:
         root = data.data_root(cfg.data_dir, cfg.data.name)
-        sizes[key] = tuple(data.split_size(cfg.data.name, root, is_train, verify=cfg.data.verify)
-                           for is_train in (True, False))
-    return sizes[key]
+        seen.sizes[key] = tuple(data.split_size(cfg.data.name, root, is_train, verify=cfg.data.verify)
+                                for is_train in (True, False))
+    return seen.sizes[key]
 
 
 def check_sizes(cfg, n_train: int, n_test: int) -> None:

@@ -373,10 +373,10 @@ def check_inputs(pl: Plan) -> None:
         return
     from . import preflight  # torch: not needed to plan, list or refuse a grid
 
-    sizes: preflight.Sizes = {}  # each data source is counted once for the whole grid
+    seen = preflight.Seen()  # each data source is counted, each model built, once for the whole grid
     for i, p in todo:
         try:
-            preflight.check(p.cfg, sizes)
+            preflight.check(p.cfg, seen)
         except BnexpError as e:
             where = " ".join(o for o in p.overrides if o.split("=", 1)[0] in pl.axes) or p.run_id
             raise BnexpError(f"{e} (grid point {i} of {len(pl.points)}: {where})") from None

@@ -327,11 +327,11 @@ class RunDir:
         """The writes of a run's records as of `state`, each on its own (after a crash each is tried even
         if another fails): metrics.csv, evals.csv (eval_every), measures.csv (measure), precise.csv
         (precise_bn) and steps.csv."""
-        return [w for on, w in ((True, lambda: self.write_metrics(state.metrics)),
-                                (cfg.eval_every, lambda: self.write_evals(state.evals)),
-                                (cfg.measure, lambda: self.write_measures(state.measures)),
-                                (cfg.precise_bn, lambda: self.write_precise(state.precise)),
-                                (True, lambda: self.write_steps(state.losses, state.steps_per_epoch))) if on]
+        optional = ((cfg.eval_every, lambda: self.write_evals(state.evals)),
+                    (cfg.measure, lambda: self.write_measures(state.measures)),
+                    (cfg.precise_bn, lambda: self.write_precise(state.precise)))
+        return [lambda: self.write_metrics(state.metrics), *(write for on, write in optional if on),
+                lambda: self.write_steps(state.losses, state.steps_per_epoch)]
 
     def write_records(self, cfg, state: RunState) -> None:
         for write in self.record_writes(cfg, state):

@@ -62,7 +62,7 @@ def test_cifar100_counts_are_remembered_once_loaded(synth_data_dir):
 def test_train_and_sweep_run_the_same_checks(synth_data_dir, tmp_path, capsys, monkeypatch):
     calls = []
 
-    def check(cfg, sizes=None):
+    def check(cfg, seen=None):
         calls.append(cfg.lr)
         raise BnexpError("refused by preflight.check")
 
