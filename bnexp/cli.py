@@ -90,23 +90,31 @@ def train(
 
     config.use_config_dir(config_dir)
     args = with_bn(list(overrides or []), bn.value if bn else None)
-    cfg = config.compose(args)  # bad input is answered here, before torch is imported
+    from . import distributed as D
+
+    place = D.from_env()  # under torchrun: one of its processes, and nproc is its WORLD_SIZE
+    cfg = config.compose(D.torchrun_overrides(args, place))  # bad input is answered here, before torch is imported
     from .tracking import check_writable, finished_run
 
     check_writable(Path(cfg.results_dir))
     if not force and (done := finished_run(Path(cfg.results_dir), config.run_id(cfg))) is not None:
-        typer.echo(summary_line(done))  # a finished run is answered without importing torch
+        if place.main:
+            typer.echo(summary_line(done))  # a finished run is answered without importing torch
         return
     from . import train as T
 
     try:
-        result = T.run(cfg, force=force)
+        if cfg.nproc > 1 and place.world_size == 1:  # bnexp starts the run's processes itself
+            result = D.run_on_processes(cfg, force)
+        else:
+            result = T.run(cfg, force=force)
     except BnexpError:
         raise
     except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
-        typer.echo(f"failed {config.run_id(cfg)}: {crash_line(e)}", err=True)
+        typer.echo(f"failed {config.run_id(cfg)}: {D.timeout_error(e, place) or crash_line(e)}", err=True)
         raise typer.Exit(1)
-    typer.echo(summary_line(result))
+    if place.main:  # the other processes of a data-parallel run say nothing
+        typer.echo(summary_line(result))
     if result.status in ("failed", "busy"):
         raise typer.Exit(1)
 
@@ -350,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv or ["--help"], prog_name="bnexp", standalone_mode=False)
     except BnexpError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import from_env
+
+        if from_env().main:  # every process of a data-parallel run meets the same bad input: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TyperException as e:  # usage errors: unknown option, missing value, bad choice
         print(f"error: {e.format_message()} (see `bnexp --help`)", file=sys.stderr)

@@ -9,6 +9,8 @@ machine alone, never from how the run was launched (`bnexp train`, `bnexp sweep 
 launcher), and they are written to run.json and the checkpoint as `execution`. A resume whose
 settings differ from the checkpoint's is refused (`mismatch`), never silently mixed.
 
+    processes      the processes of a data-parallel run (nproc, distributed.py), recorded above 1: its
+                   global batch's sums are split across them
     threads=auto   $OMP_NUM_THREADS if set, else the CPU cores this process may run on
     threads=N      exactly N intra-op threads
     norm.backend   the bnexp batch-norm backend asked for (default $BNEXP_BN_BACKEND, else auto);
@@ -31,9 +33,11 @@ from .errors import BnexpError
 # skipped run need only cpu_cores / resolve_threads / mismatch, and should not pay torch's import.
 
 # Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
-COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
+COMPARED = ("processes", "device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
             "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "cudnn_allow_tf32",
             "matmul_allow_tf32", "float32_matmul_precision", "torch")
+# Settings a record leaves out at this value, where the records of an older bnexp have none (one process).
+UNRECORDED = {"processes": 1}
 
 
 def cpu_cores() -> int:
@@ -101,12 +105,15 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
         return bn_functional.resolved_backend(example.device)
 
 
-def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool) -> dict:
-    """The execution settings of this process for a run, as written to run.json and the checkpoint."""
+def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool,
+           processes: int = 1) -> dict:
+    """The execution settings of this process for a run, as written to run.json and the checkpoint.
+    `processes` (a data-parallel run's, distributed.py) is recorded only above 1, so one-process
+    checkpoints of an older bnexp still resume."""
     import torch
 
     cudnn = torch.backends.cudnn
-    return {
+    return {**({"processes": processes} if processes != UNRECORDED["processes"] else {}),
         "device_type": device.type, "device_name": device_name(device), "threads": threads,
         "bn_backend": bn_backend, "precision": opts.precision, "channels_last": opts.channels_last,
         "cuda_graphs": use_graphs,
@@ -118,7 +125,7 @@ def record(device: torch.device, threads: int, bn_backend: str | None, opts, use
 
 
 # Config keys that choose a setting, for the message that says how to resume.
-_HOW = {"threads": "threads={}", "bn_backend": "norm.backend={}", "precision": "precision={}",
+_HOW = {"processes": "nproc={}", "threads": "threads={}", "bn_backend": "norm.backend={}", "precision": "precision={}",
         "channels_last": "channels_last={}"}
 
 
@@ -127,6 +134,7 @@ def mismatch(run_id: str, saved: dict | None, current: dict) -> BnexpError | Non
     if saved is None:
         return BnexpError(f"run {run_id} has a checkpoint from an older bnexp that did not record its execution "
                           "settings, so resuming could mix two; rerun with --force to retrain it")
+    saved, current = {**UNRECORDED, **saved}, {**UNRECORDED, **current}
     diffs = [k for k in COMPARED if saved.get(k) != current.get(k)]
     if not diffs:
         return None

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from . import config as C
-from . import data, engine, execution, measure, models, precise, preflight, probes
+from . import data, ddp, engine, execution, measure, models, precise, preflight, probes
+from . import distributed as D
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
@@ -79,6 +80,7 @@ class Setup:
     program: engine.StepProgram
     execution: dict  # execution.record(): the settings that can change the numbers (run.json, checkpoint)
     meter: measure.Measurer | None = None  # the instruments of `measure`, None when it is []
+    place: D.Place = D.Place()  # this process's rank in a data-parallel run (one process: rank 0 of 1)
 
     @property
     def threads(self) -> int:
@@ -106,13 +108,13 @@ def load_data(cfg, device) -> tuple[data.Split, data.Split]:
     return train, test
 
 
-def prepare(cfg) -> Setup:
+def prepare(cfg, place: D.Place = D.Place()) -> Setup:
     """Everything that can fail on bad input, before any training step: device, data, model, and the
     execution settings (thread count, pinned BN backend) the run's numbers depend on."""
-    device = resolve_device(cfg.device)
+    device = ddp.device_of(resolve_device(cfg.device), place)
     threads = execution.resolve_threads(cfg.threads)
     with execution.applied(threads, None):
-        return _prepare(cfg, device, threads)
+        return _prepare(cfg, device, threads, place)
 
 
 def norm_kwargs(cfg) -> dict:
@@ -132,25 +134,29 @@ def build(cfg, num_classes: int, in_channels: int, image_size: int) -> models.No
                               image_size=image_size, dropout=cfg.model.dropout, arch=arch, **norm_kwargs(cfg))
 
 
-def _prepare(cfg, device: torch.device, threads: int) -> Setup:
+def _prepare(cfg, device: torch.device, threads: int, place: D.Place) -> Setup:
     train, test = load_data(cfg, device)
     torch.manual_seed(cfg.seed)  # model init
     model = build(cfg, train.num_classes, train.x.shape[1], train.x.shape[-1]).to(device)
     opts = engine.ExecOptions.from_cfg(cfg)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    graphs = use_graphs(cfg, device)
+    model, step_model = ddp.models(model, cfg.norm.sync, place, device)  # norm.sync; DDP on several processes
+    graphs = use_graphs(cfg, device) and place.world_size == 1  # the step's all-reduces are not captured
     example = engine.model_input(train.x[:cfg.batch_size], model.input_size, opts.channels_last)
     bn_backend = execution.pin_bn_backend(model, cfg.norm.backend, example,
                                           lambda: engine.autocast(device, opts.precision))
     optimizer = build_optimizer(cfg, model.parameters(), capturable=graphs)
-    program = engine.StepProgram(model, optimizer, train, cfg.batch_size, cfg.drop_last, device, opts, graphs)
-    record = execution.record(device, threads, bn_backend, opts, program.use_graphs)
+    program = engine.StepProgram(step_model, optimizer, train, cfg.batch_size, cfg.drop_last, device, opts, graphs,
+                                 shard=(place.rank, place.world_size),
+                                 reduce=D.all_reduce_sum if place.world_size > 1 else None,
+                                 min_shard=2 if C.per_process_statistics(cfg.norm.kind, cfg.norm.sync, cfg.nproc) else 1)
+    record = execution.record(device, threads, bn_backend, opts, program.use_graphs, place.world_size)
     meter = None
     if cfg.measure:  # an instrument with nothing to measure on this model fails here, before training
         meter = measure.Measurer(model, optimizer, tuple(cfg.measure), tuple(cfg.measure_steps), effective_lr(cfg),
                                  opts, device, probe_input(model, test, opts), cfg.norm.kind)
-    return Setup(device, train, test, model, optimizer, opts, program, record, meter)
+    return Setup(device, train, test, model, optimizer, opts, program, record, meter, place)
 
 
 def probe_input(model, test: data.Split, opts: engine.ExecOptions) -> torch.Tensor:
@@ -218,25 +224,47 @@ def evaluate(model, split: data.Split, batch_size: int, opts: engine.ExecOptions
 # ----------------------------------------------------------------------------- the run
 
 def run(cfg, force: bool = False) -> RunResult:
-    """Train the run `cfg` describes, unless it already finished; resume it if it was interrupted."""
+    """Train the run `cfg` describes, unless it already finished; resume it if it was interrupted.
+    Under torchrun (RANK in the environment): this process's part of a data-parallel run, in step with
+    the others; rank 0 decides (finished, busy) and writes (bnexp/ddp.py)."""
+    place = D.from_env()
+    if place.world_size == 1:
+        return _run(cfg, force, place)
+    D.init(place, resolve_device(cfg.device).type)
+    try:
+        return _run(cfg, force, place)
+    finally:
+        D.shutdown()
+
+
+def _run(cfg, force: bool, place: D.Place) -> RunResult:
     results_dir = Path(cfg.results_dir)
-    check_writable(results_dir)
+    if place.main:
+        check_writable(results_dir)
     rd = RunDir(results_dir, C.run_id(cfg))
-    if not force and rd.status() in FINISHED:
-        return skipped_result(rd)
+
+    def finished() -> bool:  # rank 0's answer, on every rank
+        return D.broadcast(not force and rd.status() in FINISHED if place.main else None, place)
+
+    def skipped() -> RunResult:
+        return skipped_result(rd) if place.main else RunResult(rd.run_id, rd.path, "skipped")
+
+    if finished():
+        return skipped()
     preflight.check(cfg)  # bad input fails here or in prepare, before the run directory is touched
-    s = prepare(cfg)
-    if not rd.acquire():
+    s = prepare(cfg, place)
+    if not D.broadcast(rd.acquire() if place.main else None, place):
         return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
     try:
-        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
-            return skipped_result(rd)
-        if force:
+        if finished():  # another process finished it while we prepared
+            return skipped()
+        if force and place.main:
             rd.clear()
         with execution.applied(s.threads, s.bn_backend):
-            return _train(cfg, rd, s)
+            return _train(cfg, rd if place.main else ddp.Muted(rd), s)
     finally:
-        rd.release()
+        if place.main:
+            rd.release()
 
 
 @dataclass
@@ -306,11 +334,11 @@ def _begin(cfg, rd: RunDir, s: Setup) -> Training:
     _take_stock(rd, resumed)
     rd.write_config(cfg)
     rd.write_info(run_info(rd.run_id, cfg, "running", state, attempt, str(s.device), s.execution))
-    tb = TensorBoardLog(rd.path, purge_step=state.step + 1 if resumed else None)
+    tb = TensorBoardLog(rd.path, purge_step=state.step + 1 if resumed else None) if s.place.main else ddp.NullLog()
     tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
     return Training(cfg, s, rd, state, attempt, tb, samples, resumed, saved=resumed,
                     probe_x=probe_input(s.model, s.test, s.opts), probe_at=probes.probe_epochs(cfg.epochs, cfg.probe_every),
-                    bar=_progress_bar(cfg, cfg.epochs * s.program.steps, state.step),
+                    bar=_progress_bar(cfg, cfg.epochs * s.program.steps, state.step) if s.place.main else None,
                     t_start=time.perf_counter() - state.elapsed)
 
 
@@ -412,6 +440,8 @@ def _record_failure(t: Training, e: Exception) -> None:
     Sets e.error_log to the log written, if one was.
     """
     t.state.elapsed = t.elapsed()
+    if not t.s.place.main:  # rank 0 records the run; this process's traceback goes to its stderr
+        return
     state = t.state.as_of(t.saved)
     log = t.rd.path / "error.log"
     try:
@@ -545,7 +575,8 @@ def _both(first, second):
 def _checkpoint(rd: RunDir, s: Setup, cfg, state: RunState) -> None:
     """checkpoint.pt: config hash, execution settings, model, optimiser, RNG and the run's state."""
     rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}
+           "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
+           **({"ranks": ddp.rng_states(s.place, s.device)} if s.place.world_size > 1 else {})}
     rd.save_checkpoint({"config_hash": C.config_hash(cfg), "execution": s.execution, "model": s.model.state_dict(),
                         "optimizer": s.optimizer.state_dict(), "rng": rng, "state": state.to_checkpoint()})
 
@@ -557,7 +588,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> RunState:
     A checkpoint that loads but cannot be restored (missing keys, wrong shapes, an inconsistent
     state) is noted in rd.damaged like an unreadable one, and the setup is put back as it was.
     """
-    ckpt = rd.load_checkpoint()
+    ckpt = ddp.shared_checkpoint(rd.load_checkpoint, s.place)  # every rank resumes from rank 0's
     if ckpt is None or ckpt.get("config_hash") != C.config_hash(cfg):
         return RunState()
     refused = execution.mismatch(rd.run_id, ckpt.get("execution"), s.execution)
@@ -570,6 +601,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> RunState:
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
+        ddp.restore_rng(ckpt["rng"].get("ranks"), s.place, s.device)
         return RunState.from_checkpoint(ckpt["state"], cfg.epochs)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         _restore_snapshot(s, fresh)
