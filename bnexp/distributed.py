@@ -302,8 +302,7 @@ def run_on_processes(cfg, force: bool = False):
     from . import config as C, preflight
     from .tracking import RunResult
 
-    preflight.check(cfg)  # bad input is answered before any process starts
-    check_gpus(cfg.nproc, cfg.device)
+    preflight.check(cfg)  # bad input is answered before any process starts (GPUs included)
     addr, port = rendezvous()
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, rdzv_backend="static",
                           rdzv_endpoint=f"{addr}:{port}", rdzv_configs={"rank": 0}, max_restarts=0,

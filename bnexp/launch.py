@@ -86,14 +86,16 @@ class Task:
 _pinned = False  # whether this worker process already chose its GPU
 
 
-def _setup_worker(gpus: list[str], slot: int) -> None:
-    """Once per process, before CUDA starts: its own GPU (round-robin)."""
+def _setup_worker(gpus: list[str], slot: int, nproc: int = 1) -> None:
+    """Once per process, before CUDA starts: its own GPU (round-robin), or its own nproc GPUs for a
+    data-parallel run (every GPU when there are fewer)."""
     global _pinned
     if _pinned:
         return
     _pinned = True
     if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        own = [gpus[(slot * nproc + i) % len(gpus)] for i in range(nproc)] if nproc <= len(gpus) else gpus
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own)
 
 
 def _failed(cfg, message: str):
@@ -111,8 +113,10 @@ def run_point(cfg):
     try:
         if (done := finished_run(Path(cfg.results_dir), C.run_id(cfg))) is not None:
             return done
-        from . import train
+        from . import distributed, train
 
+        if cfg.nproc > 1 and distributed.from_env().world_size == 1:  # a data-parallel run: its own processes
+            return distributed.run_on_processes(cfg)
         return train.run(cfg)
     except Exception as e:  # the run recorded the traceback in its error.log (if it got that far)
         return _failed(cfg, str(e) if isinstance(e, BnexpError) else f"{type(e).__name__}: {e}")
@@ -123,7 +127,7 @@ def execute(task: Task):
     if os.getcwd() != task.cwd:
         os.chdir(task.cwd)  # relative results_dir/data_dir mean the same as where the sweep started
     os.environ.update(task.env)
-    _setup_worker(task.gpus, task.index)
+    _setup_worker(task.gpus, task.index, task.cfg.nproc)
     quiet_torch_warnings()
     return run_point(task.cfg)
 

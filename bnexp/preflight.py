@@ -1,7 +1,8 @@
 """Start-up checks: what `bnexp train` and `bnexp sweep` refuse before any run directory is touched.
 
 `config.compose` has checked each config on its own (keys, types, limits, the BN batch rules);
-`check` checks it against this machine and the data: the device exists, CUDA graphs are possible,
+`check` checks it against this machine and the data: the device exists (a GPU for each of nproc
+processes on CUDA), CUDA graphs are possible,
 the data set is there and holds enough samples for train_size, test_size and batch_size, and the
 model's norm layers accept their inputs. `train.run` calls it before it prepares a run, and a sweep
 calls it for every point that will train before the first one starts (sweep.check_inputs).
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import data, train as T
+from . import data, distributed, train as T
 from .errors import BnexpError
 
 
@@ -33,6 +34,7 @@ def check(cfg, seen: Seen | None = None) -> None:
     """Raise BnexpError (one line) if the run `cfg` describes cannot start here."""
     seen = Seen() if seen is None else seen
     T.use_graphs(cfg, T.resolve_device(cfg.device))
+    distributed.check_gpus(cfg.nproc, cfg.device)
     check_sizes(cfg, *split_sizes(cfg, seen))
     model = (cfg.data.name, cfg.norm.kind, str(cfg.model), str(T.norm_kwargs(cfg)))  # what T.build reads
     if model not in seen.models:

@@ -94,7 +94,10 @@ class Setup:
 def use_graphs(cfg, device: torch.device) -> bool:
     """Whether the run captures its training step as a CUDA graph (raises on an impossible cuda_graphs=on)."""
     momentum = cfg.norm.momentum if cfg.norm.kind in BATCH_STAT_KINDS else 0.0  # only they count batches
-    return engine.graphs_wanted(engine.ExecOptions.from_cfg(cfg), device, momentum)
+    if cfg.nproc > 1 and cfg.cuda_graphs == "on":
+        raise BnexpError(f"cuda_graphs=on cannot capture the step of a run on nproc={cfg.nproc} processes (its "
+                         "all-reduces run outside the graph); use cuda_graphs=auto or off")
+    return engine.graphs_wanted(engine.ExecOptions.from_cfg(cfg), device, momentum) and cfg.nproc == 1
 
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
@@ -108,9 +111,11 @@ def load_data(cfg, device) -> tuple[data.Split, data.Split]:
     return train, test
 
 
-def prepare(cfg, place: D.Place = D.Place()) -> Setup:
+def prepare(cfg) -> Setup:
     """Everything that can fail on bad input, before any training step: device, data, model, and the
-    execution settings (thread count, pinned BN backend) the run's numbers depend on."""
+    execution settings (thread count, pinned BN backend) the run's numbers depend on; under torchrun,
+    for this process of the data-parallel run."""
+    place = D.from_env()
     device = ddp.device_of(resolve_device(cfg.device), place)
     threads = execution.resolve_threads(cfg.threads)
     with execution.applied(threads, None):
@@ -142,7 +147,7 @@ def _prepare(cfg, device: torch.device, threads: int, place: D.Place) -> Setup:
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, step_model = ddp.models(model, cfg.norm.sync, place, device)  # norm.sync; DDP on several processes
-    graphs = use_graphs(cfg, device) and place.world_size == 1  # the step's all-reduces are not captured
+    graphs = use_graphs(cfg, device)
     example = engine.model_input(train.x[:cfg.batch_size], model.input_size, opts.channels_last)
     bn_backend = execution.pin_bn_backend(model, cfg.norm.backend, example,
                                           lambda: engine.autocast(device, opts.precision))
@@ -230,6 +235,7 @@ def run(cfg, force: bool = False) -> RunResult:
     place = D.from_env()
     if place.world_size == 1:
         return _run(cfg, force, place)
+    D.torchrun_overrides([f"nproc={cfg.nproc}"], place)  # the config is this run's: nproc=WORLD_SIZE
     D.init(place, resolve_device(cfg.device).type)
     try:
         return _run(cfg, force, place)
@@ -252,7 +258,7 @@ def _run(cfg, force: bool, place: D.Place) -> RunResult:
     if finished():
         return skipped()
     preflight.check(cfg)  # bad input fails here or in prepare, before the run directory is touched
-    s = prepare(cfg, place)
+    s = prepare(cfg)
     if not D.broadcast(rd.acquire() if place.main else None, place):
         return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
     try:

@@ -155,3 +155,15 @@ def test_port_in_use_is_one_line(capsys, synth_data_dir, tmp_path, monkeypatch):
         code = main(["train", *_args(synth_data_dir, tmp_path / "r"), "nproc=2"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is in use" in err, err
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_data_parallel_point(synth_data_dir, tmp_path):
+    preset = tmp_path / "ddp.yaml"
+    preset.write_text('description: "2 processes, sync and not"\nparams:\n  nproc: "2"\n  norm.sync: "true,false"\n')
+    r = _bnexp("sweep", "--preset", str(preset), *_args(synth_data_dir, tmp_path / "r"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    runs = sorted(os.listdir(tmp_path / "r" / "runs"))
+    assert len(runs) == 2 and sum("-np2-" in run for run in runs) == 1  # sync=false: per-process statistics
+    for run in runs:
+        assert '"status": "completed"' in (tmp_path / "r" / "runs" / run / "run.json").read_text()
