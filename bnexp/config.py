@@ -150,6 +150,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def bn_word(value) -> str | None:
+    """`bn` as users and YAML spell it (on, off, true, False, ...) -> "on" / "off"; None for anything else."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return "on" if BOOL_WORDS[value.lower()] else "off"
+    return None
+
+
+def bn_of(norm_kind: str | None) -> str:
+    """The recorded `bn` of a config: on iff it has normalisation layers (norm.kind is not none)."""
+    return "off" if norm_kind == "none" else "on"
+
+
+def default_dropout(norm_kind: str) -> float:
+    """model.dropout null: the reference rule, dropout 0.5 without normalisation, none with it (BN regularises)."""
+    return 0.5 if norm_kind == "none" else 0.0
+
+
 def _set(d: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -159,11 +178,8 @@ def _set(d: dict, dotted: str, value) -> None:
 
 def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
     """Accept the spellings users type: `bn=true`, `lr=1` (int for a float), `drop_last=on`."""
-    bn = flat.get("bn")
-    if isinstance(bn, bool):
-        flat["bn"] = "on" if bn else "off"
-    elif isinstance(bn, str) and bn.lower() in BOOL_WORDS:
-        flat["bn"] = "on" if BOOL_WORDS[bn.lower()] else "off"
+    if (bn := bn_word(flat.get("bn"))) is not None:
+        flat["bn"] = bn
     for key in FLOAT_KEYS:
         v = flat.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -244,7 +260,7 @@ def validate(raw: dict) -> dict:
         flat["norm.kind"] = "none"
     elif flat["bn"] == "on" and flat["norm.kind"] == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
-    flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
+    flat["bn"] = bn_of(flat["norm.kind"])
     if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
     if flat["norm.kind"] in BATCH_STAT_KINDS:

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from . import config as C
+from . import layout as L
 from . import data, engine, execution, measure, models, precise, probes
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
-from .tracking import (FINISHED, RunDir, RunResult, atomic_write_text, check_writable, git_commit, now_iso,
+from .tracking import (RunDir, RunResult, atomic_write_text, check_writable, git_commit, now_iso,
                        reason, skipped_result, versions)
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
@@ -260,7 +261,7 @@ def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **
     last = rows[-1] if rows else None
     return {
         "run_id": rd.run_id, "status": status,
-        "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+        "final": None if last is None else {k: last[k] for k in L.FINAL_METRICS},
         "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
         "error": extra.get("error"), "seed": cfg.seed, "device": str(s.device),
         "config_hash": C.config_hash(cfg), "versions": attempt["versions"], "git_commit": attempt["git_commit"],
@@ -372,7 +373,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
         return _checked_state({**_fresh_state(), **ckpt["state"]}, cfg)  # an older bnexp's may lack newer keys
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         _restore_snapshot(s, fresh)
-        rd.damaged["checkpoint.pt"] = f"cannot be restored ({reason(e)})"
+        rd.damaged[L.CHECKPOINT] = f"cannot be restored ({reason(e)})"
         return _fresh_state()
 
 
@@ -412,13 +413,13 @@ def run(cfg, force: bool = False) -> RunResult:
     results_dir = Path(cfg.results_dir)
     check_writable(results_dir)
     rd = RunDir(results_dir, C.run_id(cfg))
-    if not force and rd.status() in FINISHED:
+    if not force and rd.status() in L.FINISHED:
         return skipped_result(rd)
     s = prepare(cfg)  # bad input fails here, before the run directory is touched
     if not rd.acquire():
-        return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
+        return RunResult(rd.run_id, rd.path, L.BUSY, message="another process is training this run")
     try:
-        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
+        if not force and rd.status() in L.FINISHED:  # another process finished it while we prepared
             return skipped_result(rd)
         if force:
             rd.clear()
@@ -438,17 +439,17 @@ def _probe(s: Setup, state: dict, probe_x, epoch: int, step: int, samples: dict,
 
 def _take_stock(rd: RunDir, resumed: int) -> None:
     """Act on the damaged files the readers found, and say so: one stderr line per file."""
-    if "checkpoint.pt" in rd.damaged:  # nothing else can be trusted to belong to a resumable state
+    if L.CHECKPOINT in rd.damaged:  # nothing else can be trusted to belong to a resumable state
         rd.clear()
-        actions = {"checkpoint.pt": "retraining the run from scratch (its other files were removed)"}
+        actions = {L.CHECKPOINT: "retraining the run from scratch (its other files were removed)"}
     else:
-        actions = {"run.json": "treating the run as unfinished: " + (
-                       f"resuming it from checkpoint.pt after epoch {resumed}" if resumed else "training it from the start"),
-                   "activations.npz": "removed it; recording the activation probes again" + (
+        actions = {L.INFO: "treating the run as unfinished: " + (
+                       f"resuming it from {L.CHECKPOINT} after epoch {resumed}" if resumed else "training it from the start"),
+                   L.ACTIVATIONS: "removed it; recording the activation probes again" + (
                        f" from epoch {resumed + 1} (those up to epoch {resumed} are lost; --force retrains)"
                        if resumed else "")}
-        if "activations.npz" in rd.damaged:
-            (rd.path / "activations.npz").unlink(missing_ok=True)
+        if L.ACTIVATIONS in rd.damaged:
+            (rd.path / L.ACTIVATIONS).unlink(missing_ok=True)
     for name, action in actions.items():
         if name in rd.damaged:
             print(f"warning: {rd.path / name} {rd.damaged[name]}; {action}", file=sys.stderr)
@@ -491,7 +492,7 @@ def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Ex
     not be written is removed rather than left empty or holding an earlier attempt's traceback.
     Sets e.error_log to the log written, if one was.
     """
-    log = rd.path / "error.log"
+    log = rd.path / L.ERROR_LOG
     try:
         atomic_write_text(log, traceback.format_exc())
     except OSError:
@@ -504,7 +505,7 @@ def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Ex
     writes = (lambda: rd.write_metrics(state["metrics"]),
               lambda: rd.write_steps(state["losses"], state["steps_per_epoch"]),
               *_record_writes(rd, cfg, state),
-              lambda: rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
+              lambda: rd.write_info(_info(rd, cfg, s, L.FAILED, state, attempt, error=f"{type(e).__name__}: {e}",
                                           ended=now_iso())))
     for write in writes:
         try:
@@ -518,11 +519,11 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     resumed = state["epoch"]
     prior = rd.read_info() or {}
     attempt = _attempt(prior.get("started") if resumed and prior.get("started") else now_iso())
-    samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
+    samples = {k: v for k, v in rd.read_activations().items() if L.parse_activation_key(k)[0] <= resumed}
     _take_stock(rd, resumed)
     saved = resumed  # the epochs checkpoint.pt holds: run.json never claims more
     rd.write_config(cfg)
-    rd.write_info(_info(rd, cfg, s, "running", state, attempt))
+    rd.write_info(_info(rd, cfg, s, L.RUNNING, state, attempt))
     step0 = sum(state["steps_per_epoch"])
     tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
     tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
@@ -530,7 +531,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
     bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
     t_start = time.perf_counter() - state["elapsed"]
-    status, failed = "running", False
+    status, failed = L.RUNNING, False
     try:
         if resumed == 0:
             _probe(s, state, probe_x, 0, 0, samples, tb)
@@ -552,7 +553,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
                 # a GPU checks every 50 steps: the steps it ran past the first non-finite loss, and their
                 # measurements, are not the run's
                 state["measures"] = [r for r in state["measures"] if r[0] <= step0]
-                status = "diverged"
+                status = L.DIVERGED
                 break
             test_loss, test_acc = _epoch_evaluation(s, cfg, state, step0)
             row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
@@ -562,7 +563,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             _epoch_line(bar, cfg, row)
             if cfg.precise_bn:
                 _precise_evaluation(s, cfg, state, epoch, step0, tb)
-            tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
+            tb.scalars({f"epoch/{k}": row[k] for k in (*L.FINAL_METRICS, "lr")}, step0)
             if epoch in probe_at:
                 _probe(s, state, probe_x, epoch, step0, samples, tb)
                 rd.write_activations(samples)
@@ -577,9 +578,9 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             for write in _record_writes(rd, cfg, state):
                 write()
             rd.write_steps(state["losses"], state["steps_per_epoch"])
-            rd.write_info(_info(rd, cfg, s, "running", state, attempt))
+            rd.write_info(_info(rd, cfg, s, L.RUNNING, state, attempt))
         else:
-            status = "completed"
+            status = L.COMPLETED
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
         state["elapsed"] = time.perf_counter() - t_start
         failed = True
