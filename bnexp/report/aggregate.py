@@ -15,9 +15,10 @@ import pandas as pd
 from bnexp import layout as L
 from bnexp import outcome as O
 from bnexp.config import default_dropout
+from bnexp.reference import RUN_METRICS
 from bnexp.report.load import NOT_DEFINING, Runs, same_value
 
-METRICS = (*L.FINAL_METRICS, "epoch1_train_loss")
+METRICS = RUN_METRICS
 OUTCOMES = O.LABELS
 # Columns that name a group in tables (config key, short header); the rest go to "other".
 MAIN_KEYS = (("model.name", "model"), ("data.name", "data"), ("norm.kind", "norm"),

@@ -23,6 +23,7 @@ from bnexp.errors import BnexpError
 from bnexp.report.figure_plan import MEASURE_FIGURES
 from bnexp.nn.kinds import KIND_KWARGS
 from bnexp.report.aggregate import fmt_value
+from bnexp.reference import RUN_METRICS
 from bnexp.report.load import matches
 
 MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
@@ -32,8 +33,7 @@ TESTS = ("lower", "higher", "close", "at_least", "not_trained", "trains_higher_l
 ONE_ARM = ("not_trained", "larger_at_small")
 OVER = {"trains_higher_lr": "lr", "smaller_drop": "batch_size", "larger_at_small": "batch_size"}  # across a key
 NEEDS_TOLERANCE = ("close", "at_least", "smaller_drop", "larger_at_small")
-RUN_QUANTITIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss", "gap", "outcome", "drift",
-                  "precise_gain")
+RUN_QUANTITIES = (*RUN_METRICS, "gap", "outcome", "drift", "precise_gain")
 # The report's figure kinds (figure_plan.FigureInfo.kind) a setting may link to.
 FIGURE_KINDS = ("loss", "lr", "batch", "activations", "generalization", "ioffe", *MEASURE_FIGURE_KINDS)
 
