@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 
+from bnexp import layout as L
 from bnexp import outcome as O
 
 LN10 = math.log(10)
@@ -34,12 +35,12 @@ def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, na
     given layers' ReLU inputs all <= 0 (the others half positive, as a live layer's are)."""
     d = tmp_path / name
     d.mkdir()
-    with open(d / "metrics.csv", "w", newline="") as f:
+    with open(d / L.METRICS, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"])
         for i, (loss, acc) in enumerate(epochs, start=1):
             w.writerow([i, loss, acc, loss, acc, 0.5, 1.0])
-    (d / "run.json").write_text(json.dumps({"status": status}))
+    (d / L.INFO).write_text(json.dumps({"status": status}))
     if probe:
         rng = np.random.default_rng(0)
         arrays = {}
@@ -52,7 +53,7 @@ def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, na
                 # norm before the ReLU: its output is the ReLU's input; after it: its input is the ReLU's output
                 arrays[f"e{e}/{layer}/output"] = relu_in if position == "before" else rng.standard_normal(2000)
                 arrays[f"e{e}/{layer}/input"] = relu_in if position == "before" else relu_out
-        np.savez(d / "activations.npz", **arrays)
+        np.savez(d / L.ACTIVATIONS, **arrays)
     return d
 
 

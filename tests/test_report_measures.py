@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from runfactory import fake_run
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import measures_format as MF
 from bnexp import sweep as S
@@ -190,7 +191,7 @@ def test_presets_ask_for_the_instruments_in_their_arms():
         assert f" {n} runs " in line
 
 
-HAS_MEASURE = "measure" in OmegaConf.load(C.CONF_DIR / "config.yaml")
+HAS_MEASURE = "measure" in OmegaConf.load(C.CONF_DIR / L.CONFIG)
 after_merge = pytest.mark.skipif(not HAS_MEASURE, reason="needs the `measure` config keys of branch h15core")
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from runfactory import CHANCE_10, damage, fake_group, fake_run
 
+from bnexp import layout as L
 import bnexp
 from bnexp.outcome import legend as outcome_legend
 from bnexp.errors import BnexpError
@@ -117,7 +118,7 @@ def test_csv_tables_hold_the_numbers(rich):
         == "partly reproduced: dead in 1 of 3 seeds"
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 20 and set(runs["status"]) == {"completed", "interrupted", "failed"}
-    assert runs.loc[runs["status"] == "interrupted", "group"].isna().all()
+    assert runs.loc[runs["status"] == L.INTERRUPTED, "group"].isna().all()
 
 
 def test_formats_where_filter_and_stale_outputs(rich, tmp_path):
@@ -161,7 +162,7 @@ def test_malformed_runs_do_not_stop_the_report(tmp_path):
     damage(fake_run(tmp_path, seed=5, epochs=4), "garbage_steps")
     damage(fake_run(tmp_path, seed=6, epochs=4), "bad_npz")
     damage(fake_run(tmp_path, seed=7, epochs=4), "no_run_json")
-    (tmp_path / "runs" / "stray-file.txt").write_text("ignored")
+    (tmp_path / L.RUNS_DIR / "stray-file.txt").write_text("ignored")
     r = write_report(tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert r.n_runs == 4 and r.n_skipped == 1

@@ -10,6 +10,7 @@ from tensorboard.data.provider import RunTagFilter as provider_filter
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import backend_context, metadata
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp.nn import functional as bn_functional
@@ -49,7 +50,7 @@ def experiment(tb):
 def test_one_tensorboard_run_per_bnexp_run(logdir, tb):
     mux, _, _ = tb
     runs = sorted(mux.Runs())
-    assert runs == sorted(f"runs/{p.name}" for p in (logdir / "runs").iterdir())
+    assert runs == sorted(f"runs/{p.name}" for p in (logdir / L.RUNS_DIR).iterdir())
     assert len(runs) == 8
 
 
