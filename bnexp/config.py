@@ -524,13 +524,13 @@ def check_bn_shortcut(overrides: list[str]) -> None:
         key, sep, value = o.lstrip("+~").partition("=")
         if sep and key in ("bn", "norm", "norm.kind"):
             given["norm" if key == "norm.kind" else key] = value.strip().strip("'\"").lower()
-    bn, norm = BOOL_WORDS.get(given.get("bn", ""), None), given.get("norm")
+    bn, norm = bn_word(given.get("bn")), given.get("norm")
     if bn is None or norm is None:
         return
-    if not bn and norm != "none":
+    if bn == "off" and norm != "none":
         raise BnexpError(f"bn=off conflicts with norm={norm}: bn=off means norm=none; give one of them "
                          f"(norm={norm} for that layer, or bn=off for none)")
-    if bn and norm == "none":
+    if bn == "on" and norm == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
 
 
