@@ -3,7 +3,7 @@
 Every file is written atomically (temp file + rename), so a crash or `kill -9` leaves either
 the old or the new version, never half a file. Files are created as a plain `open` would create
 them (mode 0666 less the umask, default ACLs applied), so a results_dir shared by a group stays
-usable by the group. Layout: results/README.md. TensorBoard: tblog.py.
+usable by the group. Layout: results/README.md; the file names and columns: layout.py. TensorBoard: tblog.py.
 
 The `.lock` of a run is an flock held by the process training it: locks.py.
 """

@@ -37,7 +37,7 @@ def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, na
     d.mkdir()
     with open(d / L.METRICS, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"])
+        w.writerow(L.METRIC_COLUMNS)
         for i, (loss, acc) in enumerate(epochs, start=1):
             w.writerow([i, loss, acc, loss, acc, 0.5, 1.0])
     (d / L.INFO).write_text(json.dumps({"status": status}))
@@ -51,8 +51,8 @@ def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, na
                     relu_in = -np.abs(relu_in) - 0.03
                 relu_out = np.maximum(relu_in, 0)
                 # norm before the ReLU: its output is the ReLU's input; after it: its input is the ReLU's output
-                arrays[f"e{e}/{layer}/output"] = relu_in if position == "before" else rng.standard_normal(2000)
-                arrays[f"e{e}/{layer}/input"] = relu_in if position == "before" else relu_out
+                arrays[L.activation_key(e, layer, "output")] = relu_in if position == "before" else rng.standard_normal(2000)
+                arrays[L.activation_key(e, layer, "input")] = relu_in if position == "before" else relu_out
         np.savez(d / L.ACTIVATIONS, **arrays)
     return d
 

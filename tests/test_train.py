@@ -73,7 +73,7 @@ def test_train_writes_the_results_contract(capsys, fm_args, tmp_path):
     assert config.run_id(saved) == run.name and saved.bn == "on" and saved.norm.kind == "bn"
     with np.load(run / L.ACTIVATIONS) as z:
         keys = set(z.files)
-    assert {f"e{e}/conv1.norm/{w}" for e in (0, 1, 2) for w in ("input", "output")} <= keys
+    assert {L.activation_key(e, "conv1.norm", w) for e in (0, 1, 2) for w in L.PROBE_POINTS} <= keys
     assert (run / L.CHECKPOINT).stat().st_size > 0
 
 
