@@ -307,7 +307,7 @@ def test_report_skips_damaged_activations_with_a_warning(capsys, args, tmp_path)
     assert bnexp(capsys, *args)[1].startswith("skipped ")  # finished: not retrained by itself
     code, out, err = bnexp(capsys, "report", "--results-dir", tmp_path / "results")
     assert code == 0 and "Traceback" not in err
-    (line,) = [w for w in err.splitlines() if "activations.npz" in w]
+    (line,) = [w for w in err.splitlines() if L.ACTIVATIONS in w]
     assert line == (f"warning: partial {run}: activations.npz unreadable (BadZipFile); activation figure "
                     "omitted (`bnexp train ... --force` retrains the run to record it again)")
 
@@ -348,12 +348,12 @@ def _fill_disk_at(monkeypatch, nth_checkpoint: int, stays_full: bool):
     real, seen = tracking.atomic_write_bytes, {"checkpoints": 0, "full": False}
 
     def write(path, data):
-        if path.name == "checkpoint.pt":
+        if path.name == L.CHECKPOINT:
             seen["checkpoints"] += 1
             seen["full"] = seen["checkpoints"] >= nth_checkpoint
         if seen["full"]:
             if not stays_full:
-                seen["full"] = path.name != "checkpoint.pt"
+                seen["full"] = path.name != L.CHECKPOINT
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 

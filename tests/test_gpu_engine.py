@@ -41,7 +41,7 @@ def test_cuda_graph_run_end_to_end(synth_data_dir, tmp_path):
             "batch_size=64", "progress=false", "cuda_graphs=on"]
     assert main(args) == 0
     import json
-    info = json.loads(next((tmp_path / L.RUNS_DIR).iterdir()).joinpath("run.json").read_text())
+    info = json.loads(next((tmp_path / L.RUNS_DIR).iterdir()).joinpath(L.INFO).read_text())
     assert info["status"] == L.COMPLETED and info["execution"]["cuda_graphs"] is True
 
 

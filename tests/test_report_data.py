@@ -67,7 +67,7 @@ def test_malformed_run_dirs_are_skipped_or_kept_with_a_warning(tmp_path, what, k
 
 def test_running_and_failed_runs_may_lack_files_without_warnings(tmp_path):
     fake_run(tmp_path, seed=0)
-    d = fake_run(tmp_path, seed=1, status="running", epochs_done=0)
+    d = fake_run(tmp_path, seed=1, status=L.RUNNING, epochs_done=0)
     (d / L.STEPS).unlink()
     (d / L.METRICS).unlink()
     runs = load_runs(tmp_path)
@@ -172,8 +172,8 @@ def test_dead_and_diverged_classification(tmp_path):
     fake_run(tmp_path, seed=1, train_loss=CHANCE_10 - 0.03, train_acc=0.10)    # loss just outside: alive
     fake_run(tmp_path, seed=2, train_loss=CHANCE_10 - 0.01, train_acc=0.25)    # learning: accuracy above chance
     fake_run(tmp_path, seed=3, diverged_epoch=3)                               # diverged
-    fake_run(tmp_path, seed=4, status="running", epochs_done=2)
-    fake_run(tmp_path, seed=5, status="failed", epochs_done=1)
+    fake_run(tmp_path, seed=4, status=L.RUNNING, epochs_done=2)
+    fake_run(tmp_path, seed=5, status=L.FAILED, epochs_done=1)
     fake_run(tmp_path, seed=0, config={"data.name": "cifar100"}, train_loss=math.log(100) - 0.01, train_acc=0.01)
     runs = load_runs(tmp_path)
     out = dict(zip(zip(runs.runs["data.name"], runs.runs["seed"]), agg.classify(runs, REF.num_classes)["outcome"]))
@@ -206,8 +206,8 @@ def test_split_outcomes_text_and_diverged_excluded_from_mean(tmp_path):
 
 def test_running_and_failed_runs_are_not_aggregated(tmp_path):
     fake_group(tmp_path, [0.2, 0.4])
-    fake_run(tmp_path, seed=5, status="running", epochs_done=3, train_loss=9.0)
-    fake_run(tmp_path, seed=6, status="failed", epochs_done=1, train_loss=9.0)
+    fake_run(tmp_path, seed=5, status=L.RUNNING, epochs_done=3, train_loss=9.0)
+    fake_run(tmp_path, seed=6, status=L.FAILED, epochs_done=1, train_loss=9.0)
     g = groups_of(tmp_path).iloc[0]
     assert g["n_runs"] == 2 and g["train_loss_mean"] == pytest.approx(0.3)
 

@@ -106,14 +106,14 @@ def test_a_resume_under_other_execution_settings_is_refused_and_touches_nothing(
     results = tmp_path / "r"
     bnexp(env, "train", *args, f"results_dir={results}", die_after=1)
     run = seed0_run(results)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != L.LOCK}
     refused = bnexp(env, "train", *[a for a in args if a != "threads=2"], "threads=1", f"results_dir={results}",
                     check=False)
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "threads 2 then, 1 now" in line and "rerun with threads=2 to resume it" in line and "--force" in line
     # (.lock names whoever held the run last: the refused attempt did, while it checked)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != L.LOCK} == before
     # the same through a sweep: that run fails with the reason, the others are trained, run.json is kept
     swept = bnexp(env, "sweep", *[a for a in args if a != "threads=2"], "threads=1", "seed=0,1",
                   f"results_dir={results}", check=False)

@@ -123,13 +123,13 @@ def test_a_busy_run_is_waited_for_with_its_holder_named_then_trained(base):
 
     res = S.run_sweep(pl, poll=0.05, wait=None, on_wait=on_wait)
     assert lines == [f"waiting for {pl.points[0].run_id}: held by pid 4242 on elsewhere"]
-    assert [r.status for r in res.results] == ["completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED]
 
 
 def test_a_dead_running_run_is_reported_interrupted(tmp_path):
     fake_run(tmp_path, seed=0)
-    dead = fake_run(tmp_path, seed=1, status="running", epochs_done=2)
-    alive = fake_run(tmp_path, seed=2, status="running", epochs_done=1)
+    dead = fake_run(tmp_path, seed=1, status=L.RUNNING, epochs_done=2)
+    alive = fake_run(tmp_path, seed=2, status=L.RUNNING, epochs_done=1)
     lock = HeldLock(alive)
     try:
         before = modes(tmp_path)
@@ -139,7 +139,7 @@ def test_a_dead_running_run_is_reported_interrupted(tmp_path):
         assert json.loads((dead / L.INFO).read_text())["status"] == L.RUNNING  # read-time only
         assert modes(tmp_path) == before  # reading created nothing (no .lock in the dead run)
         r = write_report(tmp_path)
-        assert r.n_by_status == {"completed": 1, "interrupted": 1, "running": 1}
+        assert r.n_by_status == {L.COMPLETED: 1, L.INTERRUPTED: 1, L.RUNNING: 1}
         md = (tmp_path / "report" / "report.md").read_text()
         assert "1 running, 1 interrupted, 1 completed" in md
         assert "## Runs not aggregated (running / interrupted / failed)" in md

@@ -145,15 +145,15 @@ def test_bad_input_is_one_line_before_anything_runs(capsys, base, args, message)
 def test_rerun_skips_completed_runs_without_rewriting_a_file(base):
     pl = S.plan(base + ["lr=0.1"])
     first = S.run_sweep(pl)
-    assert [r.status for r in first.results] == ["completed", "completed"]
+    assert [r.status for r in first.results] == [layout.COMPLETED, layout.COMPLETED]
     for p, r in zip(pl.points, first.results):  # the directory `bnexp train` would use
         assert r.path == Path(p.cfg.results_dir) / layout.RUNS_DIR / C.run_id(C.compose(p.overrides))
     before = {r.run_id: files(r.path) for r in first.results}
     seen = []
     second = S.run_sweep(S.plan(base + ["lr=0.1"]), on_result=lambda r, done, total: seen.append((r.status, done)))
-    assert [r.status for r in second.results] == ["skipped", "skipped"] and seen == [("skipped", 1), ("skipped", 2)]
+    assert [r.status for r in second.results] == [layout.SKIPPED, layout.SKIPPED] and seen == [(layout.SKIPPED, 1), (layout.SKIPPED, 2)]
     assert {r.run_id: files(r.path) for r in second.results} == before
-    assert second.counts == {"completed": 0, "skipped": 2, "diverged": 0, "failed": 0, "busy": 0}
+    assert second.counts == {layout.COMPLETED: 0, layout.SKIPPED: 2, layout.DIVERGED: 0, layout.FAILED: 0, layout.BUSY: 0}
 
 
 def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
@@ -180,9 +180,9 @@ def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
 
 def test_a_failing_setup_is_a_failed_run(base):
     res = S.run_sweep(S.plan(base + ["bn=on", "lr=0.1", "batch_size=64,4096"]))
-    assert [r.status for r in res.results] == ["completed", "failed"]
+    assert [r.status for r in res.results] == [layout.COMPLETED, layout.FAILED]
     assert "batch_size=4096 is larger than the training set" in res.results[1].message
-    assert "failed" in S.format_summary(res).splitlines()[-1] and res.counts["failed"] == 1
+    assert layout.FAILED in S.format_summary(res).splitlines()[-1] and res.counts[layout.FAILED] == 1
 
 
 class HeldLock:
@@ -212,8 +212,8 @@ def test_busy_run_is_waited_for_and_not_trained_twice(base):
 
     res = S.run_sweep(pl, on_result=on_result, poll=0.05)
     # the held run is retried after the rest of the queue and then found finished: trained once
-    assert events == [(True, "busy"), (False, "completed"), (True, "skipped")]
-    assert res.counts["busy"] == 0 and [r.status for r in res.results] == ["skipped", "completed"]
+    assert events == [(True, layout.BUSY), (False, layout.COMPLETED), (True, layout.SKIPPED)]
+    assert res.counts[layout.BUSY] == 0 and [r.status for r in res.results] == [layout.SKIPPED, layout.COMPLETED]
 
 
 def test_busy_run_abandoned_by_its_holder_is_trained_by_the_sweep(base):
@@ -227,7 +227,7 @@ def test_busy_run_abandoned_by_its_holder_is_trained_by_the_sweep(base):
             lock.release()  # the holder died before finishing
 
     res = S.run_sweep(pl, on_result=on_result, poll=0.05)
-    assert statuses == ["busy", "completed"] and res.results[0].epochs_completed == 1
+    assert statuses == [layout.BUSY, layout.COMPLETED] and res.results[0].epochs_completed == 1
 
 
 def test_launcher_options(base):
@@ -286,7 +286,7 @@ def test_summary_notes_are_the_outcome_labels_of_real_runs(capsys, base):
     pl = S.plan(base + ["bn=on,off", "lr=0.1,1000000"])
     res = S.run_sweep(pl)
     rows = S.summary_rows(res)
-    assert {r.status for r in res.results} == {"completed", "diverged"}
+    assert {r.status for r in res.results} == {layout.COMPLETED, layout.DIVERGED}
     for p, r, row in zip(pl.points, res.results, rows):
         if r.status == layout.DIVERGED:
             assert row["note"].startswith("diverged: non-finite loss at epoch 1")

@@ -79,7 +79,7 @@ def test_a_killed_pool_worker_fails_only_its_own_run(synth_data_dir, tmp_path):
 
     # rerun: only the failed run is trained again, resuming from its last checkpoint
     res = S.run_sweep(S.plan(tiny(synth_data_dir, results, *ARGS)))
-    assert sorted(r.status for r in res.results) == ["completed", "skipped", "skipped", "skipped"]
+    assert sorted(r.status for r in res.results) == [L.COMPLETED, L.SKIPPED, L.SKIPPED, L.SKIPPED]
     again = next(r for r in res.results if r.status == L.COMPLETED)
     assert again.path == run and again.extra["resumed_from"] >= 1
 

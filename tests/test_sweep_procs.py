@@ -77,7 +77,7 @@ def test_kill_9_then_rerun_resumes_and_matches_a_clean_run(synth_data_dir, tmp_p
     assert len(list(results.glob("runs/*"))) == 1  # the second run had not started
 
     res = S.run_sweep(S.plan(args))
-    assert [r.status for r in res.results] == ["completed", "completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED, L.COMPLETED]
     resumed = next(r for r in res.results if r.path == first)
     assert on_disk <= resumed.extra["resumed_from"] < 4  # the epoch in progress was lost, no more
     clean = T.run(C.compose([a.replace(str(results), str(tmp_path / "clean")) for a in args if "," not in a]
@@ -111,7 +111,7 @@ def test_cluster_launchers_dispatch_the_same_runs(synth_data_dir, tmp_path, laun
     pytest.importorskip(launcher)
     args = tiny(synth_data_dir, tmp_path / launcher, "epochs=1", "bn=on,off", "lr=0.1")
     res = S.run_sweep(S.plan(args, quiet=True), jobs=2, launcher=launcher, options=options)
-    assert [r.status for r in res.results] == ["completed", "completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED, L.COMPLETED]
     serial = S.run_sweep(S.plan([a.replace(str(tmp_path / launcher), str(tmp_path / "serial")) for a in args]))
     for r, s in zip(res.results, serial.results):
         assert r.run_id == s.run_id and r.path.parent.parent == tmp_path / launcher
@@ -119,4 +119,4 @@ def test_cluster_launchers_dispatch_the_same_runs(synth_data_dir, tmp_path, laun
     if launcher == "submitit":
         assert list((tmp_path / launcher / "submitit").glob("*_log.out"))
     again = S.run_sweep(S.plan(args, quiet=True), jobs=2, launcher=launcher, options=options)
-    assert [r.status for r in again.results] == ["skipped", "skipped"]  # not even dispatched
+    assert [r.status for r in again.results] == [L.SKIPPED, L.SKIPPED]  # not even dispatched

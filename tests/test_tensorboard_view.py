@@ -25,7 +25,7 @@ def logdir(synth_data_dir, tmp_path_factory):
             "batch_size=64", "epochs=1", "data.verify=false", "progress=false", "threads=1"]
     with bn_functional.use_backend("eager"):
         out = S.run_sweep(S.plan(base + SWEEP))
-    assert [r.status for r in out.results] == ["completed"] * 8
+    assert [r.status for r in out.results] == [L.COMPLETED] * 8
     return results
 
 
