@@ -2,7 +2,7 @@
 
 A fake run is a real run directory in everything but its numbers: its config is composed by
 `config.compose` (through `config.Composer`), it lives under the real run id, and its files are
-written by `tracking.RunDir`'s writers. Only the values are invented: the metric curves decay
+written by `tracking.RunDir`'s writers from a `tracking.RunState`, run.json by `tracking.run_info`. Only the values are invented: the metric curves decay
 smoothly from chance level to the requested final values, so every figure has something to draw.
 A run at chance level is a dead one unless `alive=True`: like a real dead run, its last probe has
 a layer (conv1) whose ReLU inputs are all <= 0 (bnexp.outcome's evidence).
@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import config as C
 from .. import layout as L
-from ..tracking import RunDir
+from ..tracking import Attempt, RunDir, RunState, run_info
 
 # Config keys a test names that are chosen by a config group: `model.name=alexnet` is `model=alexnet`.
 GROUP_KEYS = {f"{g}.{k}": g for g, k in (("model", "name"), ("data", "name"), ("norm", "kind"), ("optim", "name"))}
@@ -31,6 +31,9 @@ FAKE_DEFAULTS = {"device": "cpu", "progress": False}
 LAYERS = {"lenet5": ("conv1.norm", "conv2.norm", "fc1.norm", "fc2.norm"),
           "alexnet": (*(f"conv{i}.norm" for i in range(1, 6)), "fc1.norm", "fc2.norm")}
 LAYERS["alexnet_cifar"] = LAYERS["alexnet"]
+# The code a fake run claims to come from (tracking.Attempt.begin would ask git and import torch).
+FAKE_ATTEMPT = Attempt("2025-01-01T00:00:00+00:00", {"python": "3.12", "torch": "2.14.1", "torchvision": "0.29.1",
+                                                      "bnexp": "0.1.0"}, "0" * 40)
 
 
 @lru_cache(maxsize=1)
@@ -87,8 +90,6 @@ def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str
     for name, end in zip(L.FINAL_METRICS, (train_loss, train_acc, test_loss, test_acc)):
         curves[name] = _curve(chance[name.split("_")[1]], end, E)
     rows = [{c: curves[c][i].item() for c in L.METRIC_COLUMNS} for i in range(done)]
-    rd.write_config(cfg)
-    rd.write_metrics(rows)
 
     n_epochs = done + (diverged_epoch is not None)
     step = np.arange(1, n_epochs * steps_per_epoch + 1)
@@ -96,22 +97,13 @@ def fake_run(root: Path, /, config: dict[str, Any] | None = None, *, status: str
         1 + 0.05 * rng.standard_normal(len(step)))
     if diverged_epoch is not None and len(step):
         loss[-steps_per_epoch // 2:] = np.nan
-    rd.write_steps(loss.tolist(), [steps_per_epoch] * n_epochs)
-
-    final = None
-    if done and status in (L.COMPLETED, L.RUNNING, L.FAILED):
-        final = {k: rows[-1][k] for k in L.FINAL_METRICS}
-    rd.write_info({
-        "run_id": rd.run_id, "status": status, "final": final,
-        "epochs_completed": done, "epochs": E,
-        "diverged_at": {"epoch": diverged_epoch, "step": len(step)} if diverged_epoch else None,
-        "error": "RuntimeError: fabricated failure" if status == L.FAILED else None,
-        "seed": cfg.seed, "device": cfg.device, "config_hash": C.config_hash(cfg),
-        "versions": {"python": "3.12", "torch": "2.14.1", "torchvision": "0.29.1", "bnexp": "0.1.0"},
-        "git_commit": "0" * 40, "started": "2025-01-01T00:00:00Z",
-        "ended": None if status == L.RUNNING else "2025-01-01T00:10:00Z",
-        "seconds": {"train": 1.5 * done, "total": 2.0 * done},
-    })
+    state = RunState(epoch=done, metrics=rows, losses=loss.tolist(), steps_per_epoch=[steps_per_epoch] * n_epochs,
+                     elapsed=2.0 * done, diverged_at={"epoch": diverged_epoch, "step": len(step)} if diverged_epoch else None)
+    rd.write_config(cfg)
+    rd.write_records(cfg, state)  # metrics.csv, steps.csv (and empty evals/measures/precise files where asked for)
+    rd.write_info(run_info(rd.run_id, cfg, status, state, FAKE_ATTEMPT, cfg.device, execution={},
+                           error="RuntimeError: fabricated failure" if status == L.FAILED else None,
+                           ended=None if status == L.RUNNING else "2025-01-01T00:10:00+00:00"))
     if activations and done:
         dead = (at_chance and train_acc <= 1 / n_classes + 0.05) if alive is None else not alive  # one class
         rd.write_activations(_activations(cfg, sorted({0, 1, done}), act_samples, rng, dead))  # 0: at init
