@@ -17,6 +17,7 @@ import typer
 from typer.exceptions import TyperException
 
 from . import __version__
+from . import layout
 from .errors import BnexpError
 
 STARTED = time.perf_counter()  # when this module was imported: the fallback of `elapsed`
@@ -115,7 +116,7 @@ def train(
         raise typer.Exit(1)
     if place.main:  # the other processes of a data-parallel run say nothing
         typer.echo(summary_line(result))
-    if result.status in ("failed", "busy"):
+    if result.status in (layout.FAILED, layout.BUSY):
         raise typer.Exit(1)
 
 
@@ -204,7 +205,7 @@ def sweep(
     result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
                          wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
     typer.echo(S.format_summary(result, elapsed()))
-    if result.counts["failed"] or result.counts["busy"]:
+    if result.counts[layout.FAILED] or result.counts[layout.BUSY]:
         raise typer.Exit(1)
 
 
@@ -250,12 +251,12 @@ def summary_line(r) -> str:
     f = r.final or {}
     metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
     extra = ""
-    if r.status == "diverged" and r.extra.get("diverged_at"):
+    if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
         d = r.extra["diverged_at"]
         extra = f" (non-finite loss at epoch {d['epoch']}, step {d['step']})"
-    elif r.status == "skipped":
+    elif r.status == layout.SKIPPED:
         extra = f" ({r.message}; --force retrains)"
-    elif r.status in ("busy", "failed") and r.message:
+    elif r.status in (layout.BUSY, layout.FAILED) and r.message:
         extra = f" ({r.message})"
     elif r.extra.get("resumed_from"):
         extra = f" (resumed after epoch {r.extra['resumed_from']})"

@@ -31,7 +31,6 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import BnexpError
 
@@ -300,7 +299,7 @@ def run_on_processes(cfg, force: bool = False):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from . import config as C, preflight
-    from .tracking import RunResult
+    from .launch import _failed
 
     preflight.check(cfg)  # bad input is answered before any process starts (GPUs included)
     addr, port = rendezvous()
@@ -322,10 +321,8 @@ def run_on_processes(cfg, force: bool = False):
                 raise BnexpError(errors[0][len("error "):]) from None
             rank, how = _first_failure(e, lines)
             why = f"crashed ({lines[rank][len('crash '):]})" if rank in lines else how
-            rid = C.run_id(cfg)
-            return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed",
-                             message=f"process of rank {rank} {why}; the others were stopped, rerun to resume "
-                                     f"from the last checkpoint")
+            return _failed(cfg, f"process of rank {rank} {why}; the others were stopped, rerun to resume from the "
+                                f"last checkpoint")
         finally:
             if saved is None:
                 os.environ.pop("OMP_NUM_THREADS", None)

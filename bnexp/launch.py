@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import config as C
+from . import layout
 from .errors import BnexpError
 
 LAUNCHERS = ("local", "joblib", "submitit")
@@ -102,7 +103,7 @@ def _failed(cfg, message: str):
     from .tracking import RunResult
 
     rid = C.run_id(cfg)
-    return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed", message=message)
+    return RunResult(rid, layout.run_path(cfg.results_dir, rid), layout.FAILED, message=message)
 
 
 def run_point(cfg):
@@ -168,7 +169,7 @@ def record_death(cfg, reason: str, details: str = ""):
     Only a run whose lock is free is touched (never one another process trains now), and only if
     run.json still says running (the dead process could not write its end); a run that finished
     just before its process died is reported as finished."""
-    from .tracking import FINISHED, RunDir, atomic_write_text, now_iso
+    from .tracking import RunDir, atomic_write_text, now_iso
 
     rd = RunDir(Path(cfg.results_dir), C.run_id(cfg))
     last = rd.lock_holder_pid()  # a killed holder's name stays in the lock file
@@ -178,11 +179,11 @@ def record_death(cfg, reason: str, details: str = ""):
     if rd.path.is_dir() and rd.acquire():
         try:
             info = rd.read_info()
-            if info and info.get("status") in FINISHED:
+            if info and info.get("status") in layout.FINISHED:
                 return run_point(cfg)  # 'skipped: already completed'
-            if info and info.get("status") == "running":
-                rd.write_info({**info, "status": "failed", "error": reason, "ended": now_iso()})
-                atomic_write_text(rd.path / "error.log", f"{reason}\n(no traceback: the process was killed; "
+            if info and info.get("status") == layout.RUNNING:
+                rd.write_info({**info, "status": layout.FAILED, "error": reason, "ended": now_iso()})
+                atomic_write_text(rd.path / layout.ERROR_LOG, f"{reason}\n(no traceback: the process was killed; "
                                                            f"SIGKILL is also what the out-of-memory killer sends)\n"
                                   + (f"\n{details.strip()}\n" if details else ""))
                 # the summary shows how far it got
