@@ -296,14 +296,17 @@ class BenchName(str, Enum):
     log = "log"
     measure = "measure"
     cli = "cli"
+    ddp = "ddp"
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
-                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure\n  bnexp bench cli")
+                    "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure\n  bnexp bench cli\n"
+                    "  bnexp bench ddp")
 def bench(
     which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; measure = the instruments' cost; "
-                                                      "cli = answer time of commands that train nothing)."),
+                                                      "cli = answer time of commands that train nothing; "
+                                                      "ddp = a training epoch on 1 and 2 processes)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "

@@ -102,3 +102,15 @@ def test_sweep_benchmark_pairs_the_job_counts(monkeypatch):
     assert one["speedup"] is None and two["runs_per_min"] == pytest.approx(12.0)
     table = sweep.format_table(result)
     assert "1.50x (min 1.50, max 1.50, n 3)" in table and "every ratio is settled" in table
+
+
+@pytest.mark.slow
+def test_ddp_benchmark_times_one_and_two_processes(synth_data_dir):
+    from bnexp.bench import ddp
+
+    r = ddp.run("cpu", epochs=2, train_size=512, data_dir=str(synth_data_dir))
+    assert [row["case"] for row in r["rows"]] == list(ddp.CONFIGS)
+    assert all(len(row["epoch_s"]) == 2 and row["median_s"] > 0 for row in r["rows"])
+    assert set(r["ratios"]) == {"speed-up 2 processes, sync=false", "speed-up 2 processes, sync=true"}
+    table = ddp.format_table(r)
+    assert "ideal speed-up: 2.0x (each process has a core of its own" in table and "efficiency" in table

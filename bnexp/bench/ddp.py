@@ -31,13 +31,13 @@ from .stats import spread, verdict
 CONFIGS = {"1 process": ["nproc=1"], "2 processes, sync=false": ["nproc=2"],
            "2 processes, sync=true": ["nproc=2", "norm.sync=true"]}
 BASE = ["model=lenet5", "data=fashion_mnist", "norm=bn", "batch_size=256", "lr=0.1", "progress=false",
-        "probe_every=0", "test_size=512", "threads=1"]
+        "probe_every=0", "test_size=256", "threads=1"]
 
 
-def _epoch_seconds(device: str, overrides: list[str], epochs: int, train_size: int) -> list[float]:
+def _epoch_seconds(device: str, overrides: list[str], epochs: int, train_size: int, data_dir: str | None) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="bnexp-bench-ddp-") as results:
         cmd = [sys.executable, "-m", "bnexp", "train", *BASE, *overrides, f"device={device}", f"epochs={epochs}",
-               f"train_size={train_size}", f"results_dir={results}"]
+               f"train_size={train_size}", f"results_dir={results}", *([f"data_dir={data_dir}"] if data_dir else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[3:])} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
@@ -46,14 +46,14 @@ def _epoch_seconds(device: str, overrides: list[str], epochs: int, train_size: i
             return [float(row["seconds"]) for row in csv.DictReader(f)]
 
 
-def run(device: str = "cpu", epochs: int = 4, train_size: int = 16384) -> dict:
+def run(device: str = "cpu", epochs: int = 4, train_size: int = 16384, data_dir: str | None = None) -> dict:
     import torch
 
     from ..execution import cpu_cores, device_name
 
     rows = []
     for label, overrides in CONFIGS.items():
-        seconds = _epoch_seconds(device, overrides, epochs, train_size)
+        seconds = _epoch_seconds(device, overrides, epochs, train_size, data_dir)
         rows.append({"case": label, "epoch_s": seconds, "median_s": statistics.median(seconds[1:])})
     one = rows[0]["epoch_s"][1:]
     ratios = {}
