@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import measures_format as MF
 from .errors import BnexpError
-from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
+from .nn.kinds import BACKENDS, BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
 # A user's own config folder (`--config-dir DIR` sets it for the command and the processes it starts):
@@ -47,8 +47,6 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
 HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "precise_bn": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
                  "model.norm_position": "before", "model.init": "default"}
 
-# bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
-BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 INSTRUMENTS = MF.INSTRUMENTS  # bnexp.measures_format is torch-free: composing a config stays instant
@@ -124,7 +122,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.d_max_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
     "norm.ghost_size": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
     "norm.noise": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
-    "norm.backend": (lambda v: v in BN_BACKENDS, " or ".join(BN_BACKENDS)),
+    "norm.backend": (lambda v: v in BACKENDS, " or ".join(BACKENDS)),
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),

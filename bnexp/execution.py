@@ -86,11 +86,11 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
     import torch
     import torch.nn.functional as F
 
-    from .nn import functional as bn_functional
+    from .nn import dispatch
 
     if not uses_bnexp_norms(model):
         return None
-    with bn_functional.use_backend(requested):
+    with dispatch.use_backend(requested):
         if requested in ("auto", "compiled", "triton"):
             twin = copy.deepcopy(model).train()
             devices = [example.device] if example.device.type == "cuda" else []
@@ -98,7 +98,7 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
                 out = twin(example)
                 F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)).backward()
             del twin
-        return bn_functional.resolved_backend(example.device)
+        return dispatch.resolved_backend(example.device)
 
 
 def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool) -> dict:
@@ -143,12 +143,12 @@ def applied(threads: int, bn_backend: str | None):
     """Run the block with `threads` intra-op threads and the pinned backend; restore both afterwards."""
     import torch
 
-    from .nn import functional as bn_functional
+    from .nn import dispatch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with (bn_functional.use_backend(bn_backend) if bn_backend else contextlib.nullcontext()):
+        with (dispatch.use_backend(bn_backend) if bn_backend else contextlib.nullcontext()):
             yield
     finally:
         torch.set_num_threads(previous)

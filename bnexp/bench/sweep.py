@@ -31,7 +31,7 @@ from .. import config as C
 from .. import launch as L
 from .. import sweep as S
 from ..errors import BnexpError
-from ..nn import functional as bn_functional
+from ..nn import dispatch
 from .stats import Spread, measure, verdict
 
 GRID = ["bn=on,off", "lr=0.01,0.05,0.1,0.5"]  # 8 LeNet5 runs on FashionMNIST (plain SGD)
@@ -100,7 +100,7 @@ def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(
                      "samples": m.samples[str(j)], "ratio": speedup.median if speedup else 1.0,
                      "speedup": speedup.to_json() if speedup else None})
     return {"benchmark": "sweep throughput (runs per minute)", "device": device, "device_name": _device_name(device),
-            "torch_version": torch.__version__, "backend": bn_functional.get_backend(), "cpu_cores": os.cpu_count(),
+            "torch_version": torch.__version__, "backend": dispatch.get_backend(), "cpu_cores": os.cpu_count(),
             "preset": preset, "overrides": base, "runs": n_runs[0], "repeats": len(m.samples[first]), "rows": rows,
             "ratios": {label: r.to_json() for label, r in m.ratios.items()}}
 
