@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import measures_format as MF
 from .errors import BnexpError
+from .execution import CUDA_GRAPHS, PRECISIONS  # torch-free
 from .nn.kinds import BACKENDS, BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -81,6 +82,12 @@ def _non_negative_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def one_of(choices) -> str:
+    """Choices as a message lists them: 'a, b or c'."""
+    *rest, last = [str(c) for c in choices]
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bn": (lambda v: v is None or v in ("on", "off"), "on or off"),
     "lr": (lambda v: _number(v) and v > 0, "a positive number"),
@@ -98,9 +105,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "precise_bn": (_non_negative_int, "a non-negative integer (training batches; 0 = off)"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
-    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "precision": (lambda v: v in PRECISIONS, one_of(PRECISIONS)),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
-    "cuda_graphs": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "cuda_graphs": (lambda v: v in CUDA_GRAPHS, one_of(CUDA_GRAPHS)),
     "threads": (lambda v: v == "auto" or _positive_int(v), "auto or a positive integer"),
     "model.name": (lambda v: isinstance(v, str), "a model name"),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),

@@ -30,6 +30,11 @@ from .errors import BnexpError
 # torch is imported inside the functions that use it: the sweep's planning, its summary and a
 # skipped run need only cpu_cores / resolve_threads / mismatch, and should not pay torch's import.
 
+# The choices of the config keys precision and cuda_graphs (checked by config, applied by engine):
+# precision -> the autocast dtype (a torch dtype's name; None: no autocast).
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}
+CUDA_GRAPHS = ("auto", "on", "off")  # auto: capture the training step on CUDA devices
+
 # Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
 COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
             "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "cudnn_allow_tf32",
