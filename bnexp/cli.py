@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 from typer.exceptions import TyperException
 
 from . import __version__
@@ -26,7 +27,7 @@ STARTED = time.perf_counter()  # when this module was imported: the fallback of 
 
 
 def _config_keys_help() -> str:
-    """Every config key with its default and comment, from the config files themselves (config.key_docs),
+    """Every config key with the default of the composed config and its comment (config.key_docs),
     and the limits that bad input is checked against."""
     from .config import BN_NEEDS_TWO, LIMITS, group_options, key_docs
     from .nn.kinds import BATCH_STAT_KINDS
@@ -39,6 +40,19 @@ def _config_keys_help() -> str:
                       "Limits (bad input stops before any work, exit code 2):", "  " + limits,
                       f"  with batch statistics (norm={'|'.join(BATCH_STAT_KINDS)}): {', '.join(BN_NEEDS_TWO)} >= 2; "
                       "data_dir must exist"])
+
+
+class KeysInEpilog(TyperCommand):
+    """A command whose help ends with the config keys; composed only when the help is shown, so the
+    commands themselves never pay for it."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        base = self.epilog
+        self.epilog = (base or "") + _config_keys_help()
+        try:
+            super().format_epilog(ctx, formatter)
+        finally:
+            self.epilog = base
 
 
 app = typer.Typer(
@@ -80,7 +94,7 @@ Examples:
 """
 
 
-@app.command(epilog=TRAIN_EPILOG + _config_keys_help())
+@app.command(cls=KeysInEpilog, epilog=TRAIN_EPILOG)
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Hydra overrides on conf/config.yaml (see below)."),
@@ -124,7 +138,7 @@ another process, 2 for bad input.
 """
 
 
-@app.command(epilog=SWEEP_EPILOG + _config_keys_help())
+@app.command(cls=KeysInEpilog, epilog=SWEEP_EPILOG)
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE[,VALUE]]...",
                                                     help="Hydra overrides and sweeps on conf/config.yaml."),

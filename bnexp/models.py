@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from bnexp import model_knobs
 from bnexp.errors import BnexpError
 from bnexp.nn import make_norm
 
-ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
-NORM_POSITIONS = ("before", "after")  # the norm before the nonlinearity (the BN paper) or after it
-INITS = ("default", "xavier", "gaussian")
+ACTIVATIONS = {name: getattr(nn, module) for name, module in model_knobs.ACTIVATIONS.items()}
+POOLS = {name: getattr(nn, module) for name, module in model_knobs.POOLS.items()}
+NORM_POSITIONS, INITS = model_knobs.NORM_POSITIONS, model_knobs.INITS
 GAUSSIAN_STD = 0.01  # init=gaussian: "small random Gaussian values" (Ioffe & Szegedy 2015, section 4.1)
 
 
