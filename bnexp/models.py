@@ -249,12 +249,12 @@ def check_arch(name: str, arch: Arch) -> None:
     if arch.activation not in ACTIVATIONS:
         raise BnexpError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {arch.activation!r}")
     if arch.norm_position not in NORM_POSITIONS:
-        raise BnexpError(f"model.norm_position must be before or after, got {arch.norm_position!r}")
+        raise BnexpError(f"model.norm_position must be one of {', '.join(NORM_POSITIONS)}, got {arch.norm_position!r}")
     if arch.init not in INITS:
         raise BnexpError(f"model.init must be one of {', '.join(INITS)}, got {arch.init!r}")
     pooled = default_arch(name).pool is not None
     if pooled and arch.pool not in POOLS:
-        raise BnexpError(f"model.pool must be max or avg for {name}, got {arch.pool!r}")
+        raise BnexpError(f"model.pool must be one of {', '.join(POOLS)} for {name}, got {arch.pool!r}")
     if not pooled and arch.pool is not None:
         raise BnexpError(f"{name} has no pooling layers; set model.pool=null (got {arch.pool!r})")
 
