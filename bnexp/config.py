@@ -157,6 +157,16 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure_steps": (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(m) and m > 0 for m in v),
                       "a non-empty list of positive numbers (multiples of lr), e.g. [0.5,1,2,4]"),
 }
+
+
+def check_value(key: str, value, option: str | None = None) -> None:
+    """Refuse a value that config key `key` would refuse, in the same words (for a command-line
+    option that takes one, e.g. bench's --device: `option` names it)."""
+    ok, expected = _CHECKS[key]
+    if not ok(value):
+        raise BnexpError(f"{option or key} must be {expected}, got {value!r}")
+
+
 FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay",
               "norm.r_max", "norm.d_max", "norm.noise")
 BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
@@ -254,9 +264,8 @@ def validate(raw: dict) -> dict:
     missing = sorted(set(_CHECKS) - set(flat))
     if missing:
         raise BnexpError(f"config key '{missing[0]}' is missing (did a config group file lose it?)")
-    for key, (ok, expected) in _CHECKS.items():
-        if not ok(flat[key]):
-            raise BnexpError(f"{key} must be {expected}, got {flat[key]!r}")
+    for key in _CHECKS:
+        check_value(key, flat[key])
     for key, (limit, why) in LIMITS.items():
         if flat[key] > limit:
             raise BnexpError(f"{key}={_text(flat[key])} is above the limit of {_text(limit)} ({why}); "

@@ -35,15 +35,15 @@ def _names(text: str | None) -> list[str] | None:
 def options(device: str, backends: str | None = None, channels_last: bool = False, kinds: str | None = None,
             precision: str = "fp32") -> dict[str, dict]:
     """The CLI's options checked (BnexpError), as each benchmark's keyword arguments; `device` resolved."""
-    from ..execution import PRECISIONS
+    from ..config import check_value
     from ..nn.kinds import BACKENDS, NORM_KINDS
 
+    check_value("device", device, "--device")
+    check_value("precision", precision, "--precision")
     names = _names(backends)
     for b in names or []:
         if b not in BACKENDS:
             raise BnexpError(f"--backends: unknown batch-norm backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise BnexpError(f"--precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
     kind_names = _names(kinds)
     if set(kind_names or []) - set(NORM_KINDS):
         raise BnexpError(f"--kinds: unknown norm kind in {kinds!r}; choose from {', '.join(NORM_KINDS)}")
