@@ -105,3 +105,10 @@ def test_read_previous_ignores_what_is_not_a_result(tmp_path):
     assert stats.read_previous(tmp_path / "bad.json") is None
     (tmp_path / "list.json").write_text("[1]")
     assert stats.read_previous(tmp_path / "list.json") is None
+
+
+def test_median_interval_of_thousands_of_repeats():
+    """A small kernel repeated until settled can reach ~2000 samples: comb(n, c) * 0.5 ** n overflowed."""
+    xs = list(range(3000))
+    low, high = stats.median_interval(xs)
+    assert 1440 < low < 1500 < high < 1560 and low + high == 2999
