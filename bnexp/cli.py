@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 
 from . import __version__
 from .bench.suite import BENCHMARKS, DEFAULT as DEFAULT_BENCH
+from . import layout
 from .errors import BnexpError
 from .execution import PRECISIONS
 from .launch import LAUNCHERS
@@ -198,7 +199,7 @@ def sweep(
     result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
                          wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
     typer.echo(S.format_summary(result, elapsed()))
-    if result.counts["failed"] or result.counts["busy"]:
+    if result.counts[layout.FAILED] or result.counts[layout.BUSY]:
         raise typer.Exit(1)
 
 

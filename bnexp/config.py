@@ -183,6 +183,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def bn_word(value) -> str | None:
+    """`bn` as users and YAML spell it (on, off, true, False, ...) -> "on" / "off"; None for anything else."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return "on" if BOOL_WORDS[value.lower()] else "off"
+    return None
+
+
+def bn_of(norm_kind: str | None) -> str:
+    """The recorded `bn` of a config: on iff it has normalisation layers (norm.kind is not none)."""
+    return "off" if norm_kind == "none" else "on"
+
+
+def default_dropout(norm_kind: str) -> float:
+    """model.dropout null: the reference rule, dropout 0.5 without normalisation, none with it (BN regularises)."""
+    return 0.5 if norm_kind == "none" else 0.0
+
+
 def _set(d: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -192,11 +211,8 @@ def _set(d: dict, dotted: str, value) -> None:
 
 def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
     """Accept the spellings users type: `bn=true`, `lr=1` (int for a float), `drop_last=on`."""
-    bn = flat.get("bn")
-    if isinstance(bn, bool):
-        flat["bn"] = "on" if bn else "off"
-    elif isinstance(bn, str) and bn.lower() in BOOL_WORDS:
-        flat["bn"] = "on" if BOOL_WORDS[bn.lower()] else "off"
+    if (bn := bn_word(flat.get("bn"))) is not None:
+        flat["bn"] = bn
     for key in FLOAT_KEYS:
         v = flat.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -276,7 +292,7 @@ def validate(raw: dict) -> dict:
         flat["norm.kind"] = "none"
     elif flat["bn"] == "on" and flat["norm.kind"] == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
-    flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
+    flat["bn"] = bn_of(flat["norm.kind"])
     if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
     if flat["norm.kind"] in BATCH_STAT_KINDS:
@@ -534,13 +550,13 @@ def check_bn_shortcut(overrides: list[str]) -> None:
         key, sep, value = o.lstrip("+~").partition("=")
         if sep and key in ("bn", "norm", "norm.kind"):
             given["norm" if key == "norm.kind" else key] = value.strip().strip("'\"").lower()
-    bn, norm = BOOL_WORDS.get(given.get("bn", ""), None), given.get("norm")
+    bn, norm = bn_word(given.get("bn")), given.get("norm")
     if bn is None or norm is None:
         return
-    if not bn and norm != "none":
+    if bn == "off" and norm != "none":
         raise BnexpError(f"bn=off conflicts with norm={norm}: bn=off means norm=none; give one of them "
                          f"(norm={norm} for that layer, or bn=off for none)")
-    if bn and norm == "none":
+    if bn == "on" and norm == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import config as C
+from . import layout
 from .errors import BnexpError
 
 LAUNCHERS = ("local", "joblib", "submitit")
@@ -104,7 +105,7 @@ def _failed(cfg, message: str):
     from .tracking import RunResult
 
     rid = C.run_id(cfg)
-    return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed", message=message)
+    return RunResult(rid, layout.run_path(cfg.results_dir, rid), layout.FAILED, message=message)
 
 
 def run_point(cfg):
@@ -141,7 +142,7 @@ def train_one(cfg, force: bool = False, echo: Callable[..., object] = print) -> 
         echo(f"failed {C.run_id(cfg)}: {crash_line(e)}", err=True)
         return 1
     echo(summary_line(result))
-    return 1 if result.status in ("failed", "busy") else 0
+    return 1 if result.status in (layout.FAILED, layout.BUSY) else 0
 
 
 def summary_line(r) -> str:
@@ -151,11 +152,11 @@ def summary_line(r) -> str:
     f = r.final or {}
     metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
     extra = ""
-    if r.status == "diverged" and r.extra.get("diverged_at"):
+    if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
         extra = f" ({diverged_where(r.extra['diverged_at'])})"
-    elif r.status == "skipped":
+    elif r.status == layout.SKIPPED:
         extra = f" ({r.message}; --force retrains)"
-    elif r.status in ("busy", "failed") and r.message:
+    elif r.status in (layout.BUSY, layout.FAILED) and r.message:
         extra = f" ({r.message})"
     elif r.extra.get("resumed_from"):
         extra = f" (resumed after epoch {r.extra['resumed_from']})"
@@ -223,7 +224,7 @@ def record_death(cfg, reason: str, details: str = ""):
     Only a run whose lock is free is touched (never one another process trains now), and only if
     run.json still says running (the dead process could not write its end); a run that finished
     just before its process died is reported as finished."""
-    from .tracking import FINISHED, RunDir, atomic_write_text, now_iso
+    from .tracking import RunDir, atomic_write_text, now_iso
 
     rd = RunDir(Path(cfg.results_dir), C.run_id(cfg))
     last = rd.lock_holder_pid()  # a killed holder's name stays in the lock file
@@ -233,11 +234,11 @@ def record_death(cfg, reason: str, details: str = ""):
     if rd.path.is_dir() and rd.acquire():
         try:
             info = rd.read_info()
-            if info and info.get("status") in FINISHED:
+            if info and info.get("status") in layout.FINISHED:
                 return run_point(cfg)  # 'skipped: already completed'
-            if info and info.get("status") == "running":
-                rd.write_info({**info, "status": "failed", "error": reason, "ended": now_iso()})
-                atomic_write_text(rd.path / "error.log", f"{reason}\n(no traceback: the process was killed; "
+            if info and info.get("status") == layout.RUNNING:
+                rd.write_info({**info, "status": layout.FAILED, "error": reason, "ended": now_iso()})
+                atomic_write_text(rd.path / layout.ERROR_LOG, f"{reason}\n(no traceback: the process was killed; "
                                                            f"SIGKILL is also what the out-of-memory killer sends)\n"
                                   + (f"\n{details.strip()}\n" if details else ""))
                 # the summary shows how far it got

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from bnexp import model_knobs
+from bnexp.config import default_dropout  # torch-free: the report applies the rule too
 from bnexp.errors import BnexpError
 from bnexp.nn import make_norm
 
@@ -71,11 +72,6 @@ def fc_block(in_features: int, out_features: int, norm: str, norm_kwargs: dict,
     """Linear -> norm -> nonlinearity [-> Dropout], children linear / norm / act / dropout."""
     return _block("linear", nn.Linear(in_features, out_features), make_norm(norm, out_features, 1, **norm_kwargs),
                   arch, dropout)
-
-
-def default_dropout(norm: str) -> float:
-    """The reference rule: dropout 0.5 without normalisation, none with it (BN regularises)."""
-    return 0.5 if norm == "none" else 0.0
 
 
 def init_weights(model: nn.Module, init: str) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bnexp import layout
 import bnexp.nn as bnn
 from bnexp.cli import main
 from bnexp.nn import dispatch
@@ -156,7 +157,7 @@ def test_train_on_cuda_end_to_end(synth_data_dir, tmp_path, capsys):
     args = ["train", f"data_dir={synth_data_dir}", f"results_dir={tmp_path}", "epochs=2", "batch_size=64",
             "progress=false", f"device={DEV}"]
     assert main(args) == 0, capsys.readouterr().err
-    run = next((tmp_path / "runs").iterdir())
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["device"].startswith("cuda")
+    run = next((tmp_path / layout.RUNS_DIR).iterdir())
+    info = json.loads((run / layout.INFO).read_text())
+    assert info["status"] == layout.COMPLETED and info["device"].startswith("cuda")
     assert info["final"]["train_loss"] < 2.0

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 TOLERANCE = 0.10  # three invocations of a benchmark should agree within ±10% (README, Performance)
 CONFIDENCE = 0.95
@@ -39,22 +40,20 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _binomial_half(n: int, k: int) -> float:
-    """P(Binomial(n, 1/2) = k), in log space: comb(n, k) * 0.5 ** n overflows (comb above 1e308 as a
-    float) once a benchmark has ~1000 repeats, and 0.5 ** n underflows."""
-    return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2))
-
-
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Distribution-free confidence interval of the median: the order statistics x_(c), x_(n-1-c)
     (0-based) for the largest c with P(Binomial(n, 1/2) <= c) <= (1 - confidence) / 2, which cover the
     median with probability 1 - 2 P(B <= c). Too few values for that: (min, max)."""
     xs = sorted(values)
     n = len(xs)
-    c, tail = 0, _binomial_half(n, 0)  # tail = P(B <= c)
-    while 2 * (c + 1) < n and tail + _binomial_half(n, c + 1) <= (1 - confidence) / 2:
-        c += 1
-        tail += _binomial_half(n, c)
+    # exact integers: comb(n, c) * 0.5 ** n overflows a float once n passes ~1,030 values
+    alpha, whole = Fraction(1 - confidence) / 2, 2 ** n
+    c, term, tail = 0, 1, 1  # term = comb(n, c), tail = sum of comb(n, k) for k <= c
+    while 2 * (c + 1) < n:
+        term = term * (n - c) // (c + 1)
+        if Fraction(tail + term, whole) > alpha:
+            break
+        c, tail = c + 1, tail + term
     return xs[c], xs[n - 1 - c]
 
 

@@ -28,6 +28,7 @@ import torch
 
 from .. import config as C
 from .. import launch as L
+from .. import layout
 from .. import sweep as S
 from ..errors import BnexpError
 from ..nn import dispatch
@@ -52,8 +53,8 @@ def _sweep(overrides: list[str], preset: str | None, jobs: int) -> tuple[float, 
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-        statuses = [json.loads(p.read_text())["status"] for p in Path(tmp).glob("runs/*/run.json")]
-        if proc.returncode != 0 or not statuses or set(statuses) - {"completed", "diverged"}:
+        statuses = [json.loads(p.read_text())["status"] for p in Path(tmp).glob(f"{layout.RUNS_DIR}/*/{layout.INFO}")]
+        if proc.returncode != 0 or not statuses or set(statuses) - set(layout.FINISHED):
             last = (proc.stderr.strip() or proc.stdout.strip() or "?").splitlines()[-1]
             raise BnexpError(f"sweep benchmark: `{' '.join(cmd)}` exited {proc.returncode}: {last}")
         return seconds, len(statuses)
@@ -67,7 +68,7 @@ def _warm_up(overrides: list[str], preset: str | None) -> None:
     try:
         first = S.plan(overrides + [f"results_dir={tmp}"], preset=preset, quiet=True).points[0]
         r = L.run_point(C.compose(first.overrides + ["epochs=1", "progress=false"]))
-        if r.status == "failed":
+        if r.status == layout.FAILED:
             raise BnexpError(f"sweep benchmark: {r.message}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
