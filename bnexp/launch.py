@@ -16,17 +16,21 @@ node may start elsewhere), and with several GPUs each worker process gets its ow
 (CUDA_VISIBLE_DEVICES, round-robin), set before CUDA starts there. The CPU thread count is not
 the launcher's business: each run sets its own from its config (execution.py), so a run's numbers
 do not depend on --jobs or on the launcher.
+
+A run's outcome is told in one line (`summary_line`; a crash's cause by `crash_line`), by
+`bnexp train` (`train_one`) and for each run of a sweep alike.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import config as C
 from . import layout
@@ -120,7 +124,69 @@ def run_point(cfg):
             return distributed.run_on_processes(cfg)
         return train.run(cfg)
     except Exception as e:  # the run recorded the traceback in its error.log (if it got that far)
-        return _failed(cfg, str(e) if isinstance(e, BnexpError) else f"{type(e).__name__}: {e}")
+        return _failed(cfg, str(e) if isinstance(e, BnexpError) else crash_line(e))
+
+
+def train_one(cfg, force: bool = False, echo: Callable[..., object] = print) -> int:
+    """`bnexp train`: a finished run is answered from its run.json (without importing torch), else it
+    is trained here. One line either way (`echo(line)`, `echo(line, err=True)` for a crash); returns
+    the exit code: 1 if the run failed, crashed or is held by another process, else 0."""
+    from . import distributed as D
+    from .tracking import finished_run
+
+    place = D.from_env()  # under torchrun: one of the run's processes; only rank 0 says anything
+    if not force and (done := finished_run(Path(cfg.results_dir), C.run_id(cfg))) is not None:
+        if place.main:
+            echo(summary_line(done))
+        return 0
+    from . import train
+
+    try:
+        if cfg.nproc > 1 and place.world_size == 1:  # bnexp starts the run's processes itself
+            result = D.run_on_processes(cfg, force)
+        else:
+            result = train.run(cfg, force=force)
+    except BnexpError:
+        raise
+    except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
+        echo(f"failed {C.run_id(cfg)}: {D.timeout_error(e, place) or crash_line(e)}", err=True)
+        return 1
+    if place.main:
+        echo(summary_line(result))
+    return 1 if result.status in (layout.FAILED, layout.BUSY) else 0
+
+
+def summary_line(r) -> str:
+    """One line per run (a RunResult): status, final metrics, time, where it lives."""
+    from .outcome import diverged_where
+
+    f = r.final or {}
+    metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
+    extra = ""
+    if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
+        extra = f" ({diverged_where(r.extra['diverged_at'])})"
+    elif r.status == layout.SKIPPED:
+        extra = f" ({r.message}; --force retrains)"
+    elif r.status in (layout.BUSY, layout.FAILED) and r.message:
+        extra = f" ({r.message})"
+    elif r.extra.get("resumed_from"):
+        extra = f" (resumed after epoch {r.extra['resumed_from']})"
+    time = f" {r.seconds:.1f}s" if r.seconds else ""
+    return f"{r.status} {r.run_id}: {metrics}{time}{extra} -> {r.path}".replace(":  ", ": ")
+
+
+def crash_line(e: Exception) -> str:
+    """What a crashed run's one line says after `failed <run_id>: `; names a full disk as such, and
+    error.log only when this attempt wrote it."""
+    from .tracking import disk_full
+
+    log = getattr(e, "error_log", None)
+    where = f"; traceback in {log}" if log else ""
+    if disk_full(e):
+        what = "disk full (ENOSPC)" if e.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+        return (f"{what} writing {e.filename or 'the run directory'}: {e.strerror}; free space there and rerun "
+                f"the same command to resume from the last finished epoch{where}")
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def execute(task: Task):

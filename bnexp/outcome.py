@@ -63,6 +63,12 @@ RISE = 0.1                 # final loss above the best earlier epoch's by more t
 FLAT = 0.001               # without a probe: at chance and falling less than this over 2 epochs: dead
 
 
+def diverged_where(diverged_at: dict) -> str:
+    """Where a diverged run's loss turned non-finite (its run.json's `diverged_at`), in the words the
+    run's summary line and the sweep's table both use."""
+    return f"non-finite loss at epoch {diverged_at['epoch']}, step {diverged_at['step']}"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """A run's label and the evidence for it in a few words (the sweep's note, the report's per-seed table)."""

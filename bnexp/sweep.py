@@ -560,7 +560,7 @@ NOTE_WIDTH = 72  # characters of a run's note in the summary table
 
 def summary_rows(res: SweepResult) -> list[dict]:
     """One dict per run: the swept axes, status, epochs, final metrics, recorded time, note."""
-    from .outcome import classify_run
+    from .outcome import DIVERGED, classify_run, diverged_where
     from .reference import load_reference
     from .tracking import RunDir
 
@@ -576,7 +576,7 @@ def summary_rows(res: SweepResult) -> list[dict]:
             note = classify_run(rd.path, info["status"], num_classes.get(p.cfg.data.name), p.cfg.model.activation,
                                 p.cfg.model.norm_position, info.get("final")).text()
         if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
-            note = f"diverged: non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
+            note = f"{DIVERGED}: {diverged_where(r.extra['diverged_at'])}"
         rows.append({**{k: values.get(k) for k in res.plan.axes}, "status": r.status,
                      "epochs": f"{r.epochs_completed}/{p.cfg.epochs}",
                      **{k: final.get(k) for k in layout.FINAL_METRICS},

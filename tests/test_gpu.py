@@ -10,6 +10,7 @@ import torch
 from bnexp import layout
 import bnexp.nn as bnn
 from bnexp.cli import main
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bnF
 from bnexp.nn.functional import use_backend
 
@@ -102,12 +103,12 @@ def test_auto_runs_the_triton_kernels_on_cuda(monkeypatch):
             calls.append(_name)
             return _fn(*args, **kwargs)
         monkeypatch.setattr(triton_bn, name, spy)
-    monkeypatch.setattr(bnF, "_triton_broken", {})
+    monkeypatch.setattr(dispatch, "_triton_broken", {})
     with use_backend("auto"):
         assert bnF.resolved_backend(DEV) == "triton"
         layer = bnn.BatchNorm2d(8, device=DEV)
         layer(torch.randn(4, 8, 5, 5, device=DEV, requires_grad=True)).sum().backward()
-        assert bnF._triton_broken == {}, bnF._triton_broken
+        assert dispatch._triton_broken == {}, dispatch._triton_broken
     assert calls == ["train_forward", "train_backward"]
 
 

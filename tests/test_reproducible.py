@@ -20,6 +20,7 @@ import torch
 from bnexp import layout as L
 from bnexp import config as C
 from bnexp import execution, train as T
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bn_functional
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,6 @@ def test_threads_and_backend_are_config_keys_outside_the_run_id():
         cfg = C.compose(extra)
         assert C.run_id(cfg) == C.run_id(base)
     assert C.compose(["threads=3"]).threads == 3
-    assert C.BN_BACKENDS == bn_functional.BACKENDS  # config's torch-free copy
 
 
 @pytest.mark.parametrize("override, message", [("threads=0", "threads must be auto or a positive integer"),
@@ -172,9 +172,9 @@ def test_auto_falls_back_before_the_first_step_and_is_then_pinned(synth_data_dir
     def broken(*a, **k):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(bn_functional, "_compile", broken)
-    monkeypatch.setattr(bn_functional, "_compiled", {})  # kernels compiled by earlier tests would be reused
-    monkeypatch.setattr(bn_functional, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compile", broken)
+    monkeypatch.setattr(dispatch, "_compiled", {})  # kernels compiled by earlier tests would be reused
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
     cfg = _cfg(synth_data_dir, tmp_path, "norm.backend=auto", "model=alexnet_cifar", "data=cifar100", "model.dropout=0.5")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -195,13 +195,13 @@ def test_a_pinned_backend_never_falls_back_mid_run(synth_data_dir, tmp_path, mon
     """Once pinned to `compiled`, a kernel that fails later fails the run (recorded) instead of silently
     switching to eager for the rest of it."""
     cfg = _cfg(synth_data_dir, tmp_path, "norm.backend=auto")
-    monkeypatch.setattr(bn_functional, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
     monkeypatch.setattr(execution, "pin_bn_backend", lambda *a, **k: "compiled")
 
     def broken(*a, **k):
         raise RuntimeError("kernel failed at step 3")
 
-    monkeypatch.setattr(bn_functional, "_compiled_call", broken)
+    monkeypatch.setattr(dispatch, "_compiled_call", broken)
     with pytest.raises(RuntimeError, match="kernel failed"):
         T.run(cfg)
     info = json.loads(next((tmp_path / L.RUNS_DIR).glob("*/run.json")).read_text())

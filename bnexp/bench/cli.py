@@ -95,7 +95,7 @@ def imported(importtime_stderr: str) -> set[str]:
     return names
 
 
-def run(device: str = "cpu", repeats: int = 5) -> dict:
+def run(repeats: int = 5) -> dict:
     """Time each command `repeats` times in fresh processes (rotating order); a JSON-serialisable dict."""
     tmp = Path(tempfile.mkdtemp(prefix="bnexp-bench-cli-"))
     try:
@@ -132,8 +132,3 @@ def format_table(result: dict) -> str:
              f"grid: {' '.join(result['grid'])} ({result['runs']} runs)")
     return "\n".join(line.rstrip() for line in [title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
-
-if __name__ == "__main__":
-    res = run()
-    print(format_table(res))
-    print(json.dumps(res, indent=2))

@@ -41,10 +41,9 @@ TARGET_S = 10.0
 
 
 def run(n_runs: int = 200, epochs: int = 20, steps_per_epoch: int = 120, act_samples: int = 20_000,
-        device: str | None = None, repeats: int = 3, max_repeats: int = 10, budget_s: float = 90.0) -> dict:
-    """Fabricate runs in a temporary directory and time write_report(fmt="md") on them, at least
-    `repeats` times. `device` is accepted for `bnexp bench`'s uniform call and ignored (the report
-    is CPU-only)."""
+        repeats: int = 3, max_repeats: int = 10, budget_s: float = 90.0) -> dict:
+    """Fabricate runs in a temporary directory and time write_report(fmt="md") on them (CPU only), at
+    least `repeats` times."""
     from bnexp.report import write_report
 
     from .stats import measure, spread

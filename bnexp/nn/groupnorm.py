@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional
+from . import dispatch, functional
 from .kinds import resolve_groups
 
 _GENERIC = (7, 5, 11, 13)  # generic tracing sizes of x (N, G, C/G, S); weight and bias are (G * C/G,)
@@ -123,8 +123,8 @@ class _GroupNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups, eps, return_stats):
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         x4 = _grouped(x, groups)
-        y, shift, delta, invstd, mean, var = functional._run("group_forward", group_forward, (x4, weight, bias),
-                                                             {"eps": eps})
+        y, shift, delta, invstd, mean, var = dispatch.run("group_forward", group_forward, (x4, weight, bias),
+                                                           {"eps": eps})
         # the inputs, not their views: a view saved here would break an outer torch.compile (an alias in the graph)
         ctx.save_for_backward(x, weight, shift, delta, invstd)
         ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
@@ -144,8 +144,8 @@ class _GroupNormFunction(torch.autograd.Function):
             return (None,) * 6
         x, weight, shift, delta, invstd = ctx.saved_tensors
         x4 = _grouped(x, ctx.groups)
-        grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
-                                                 (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+        grad_x, grad_w, grad_b = dispatch.run("group_backward", group_backward,
+                                               (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
         needs = ctx.needs_input_grad
         grad_x = grad_x.view(x.shape) if needs[0] else None
         grad_w = (grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)) if needs[1] else None

@@ -34,6 +34,9 @@ SYNC_REFUSED = {"none": "it has no norm layers", "gn": _PER_SAMPLE, "ln": _PER_S
                 "brn": "its r and d corrections are not synchronised (their unbiasing uses the local batch)",
                 "torch": "torch.nn.SyncBatchNorm runs on CUDA only; norm=bn is the same math, synchronised everywhere"}
 DEFAULT_GROUPS = 32  # Wu & He 2018, section 4: G = 32 is their default
+# The kernels that run the layers' math (bnexp.nn.dispatch), as the config key norm.backend names them.
+BACKENDS = ("auto", "compiled", "eager", "triton")
+BACKEND_ENV = "BNEXP_BN_BACKEND"  # its default for a process (conf/config.yaml reads it too)
 
 # Keywords each kind accepts beyond the common ones (eps, affine, device, dtype).
 _BN_KW = ("momentum", "track_running_stats", "biased_running_var")
