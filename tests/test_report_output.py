@@ -259,3 +259,25 @@ def test_html_renders_code_and_links_figures_and_runs(rich):
     assert want <= {(out / h).resolve().parent.name for h in hrefs}
     md = (out / "report.md").read_text()
     assert re.search(r"\[s0\]\(\.\./runs/[^)]+/run\.json\)", md)           # Markdown has the same links
+
+
+def test_sync_bn_experiment_and_runs_from_before_nproc_group_with_new_ones(tmp_path):
+    """sync_bn's arms (nproc 1 at batch 32 and 8, nproc 4 without sync) make it complete; a run whose
+    config.yaml predates nproc/norm.sync groups with the same config written now."""
+    import yaml
+
+    from bnexp.report.build import write_report
+
+    base = dict(model="lenet5", norm="bn", lr=0.1, lr_scale_batch=256, epochs=5)
+    for seed in (0, 1):
+        fake_run(tmp_path, batch_size=32, seed=seed, test_acc=0.88, **base)
+        fake_run(tmp_path, batch_size=8, seed=seed, test_acc=0.80, **base)
+        fake_run(tmp_path, batch_size=32, nproc=4, seed=seed, test_acc=0.81, **base)
+    old = fake_run(tmp_path, batch_size=32, seed=2, test_acc=0.87, **base)
+    cfg = yaml.safe_load((old / L.CONFIG).read_text())
+    del cfg["nproc"], cfg["norm"]["sync"]
+    (old / L.CONFIG).write_text(yaml.safe_dump(cfg))
+    r = write_report(tmp_path, out_dir=tmp_path / "report", fmt="md")
+    row = _experiment_row((tmp_path / "report" / "report.md").read_text(), "sync_bn")
+    assert row[2].startswith("7 runs;") and "incomplete" not in row[2], row
+    assert r.n_groups == 3  # the old run is in the batch-32, one-process group

@@ -48,6 +48,8 @@ EXPERIMENTS = (
     ("landscape", "BN smooths the loss landscape (Santurkar et al. 2018, Figure 4)", ("landscape",)),
     ("ics", "BN's benefit does not come from less internal covariate shift (Santurkar et al. 2018)", ("ics",)),
     ("weight_decay", "with BN, weight decay raises the effective step of scale-invariant weights", ("effective_step",)),
+    ("sync_bn", "synchronised BN over 4 processes of 8 is the batch-32 run; per-process BN is small-batch BN",
+     ("batch",)),
 )
 # experiments shown by a reference table rather than a figure: preset -> text in the reference set's name
 REFERENCE_ONLY = {"article_5epoch": "5-epoch", "d2l_bn": "d2l"}
@@ -122,7 +124,7 @@ def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> l
 # overridden on the command line): preset key -> config column
 IDENTIFYING = {"model": "model.name", "data": "data.name", "optim": "optim.name", "norm": "norm.kind", "bn": "bn",
                "model.activation": "model.activation", "model.norm_position": "model.norm_position",
-               "optim.weight_decay": "optim.weight_decay"}
+               "optim.weight_decay": "optim.weight_decay", "nproc": "nproc"}
 # experiments with a second preset for the same claim
 ALSO = {"generalization": ("generalization_alexnet_cifar", "generalization_fashion")}
 WHY_NO_FIGURE = {

@@ -65,9 +65,12 @@ class Runs:
 
 def _flat_config(cfg: dict) -> dict[str, Any]:
     """config.yaml flattened to dotted keys, lists as tuples (hashable); `bn` always "on"/"off"
-    (an unquoted YAML `on` reads as True; a hand-written config may lack it)."""
+    (an unquoted YAML `on` reads as True; a hand-written config may lack it); a key added after the
+    run was made (config.HASH_DEFAULTS: nproc, norm.sync, ...) at its default, so it groups with new runs."""
     flat = {k: tuple(v) if isinstance(v, list) else v for k, v in C.flatten(cfg).items()}
     flat["bn"] = C.bn_word(flat.get("bn")) or C.bn_of(flat.get("norm.kind"))
+    for key, default in C.HASH_DEFAULTS.items():  # a run made before the key existed had its default
+        flat.setdefault(key, default)
     return flat
 
 
