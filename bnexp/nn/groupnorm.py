@@ -42,11 +42,13 @@ the autograd Function only when asked for (return_stats). Measured ratios: READM
 "Performance (measured)".
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional
+from . import functional, inductor_call
 from .kinds import resolve_groups
 
 _GENERIC = (7, 5, 11, 13)  # generic tracing sizes of x (N, G, C/G, S); weight and bias are (G * C/G,)
@@ -116,18 +118,83 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
 
 
+def _dense(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _examples(fn, tensors: tuple) -> list:
+    """Zero tensors like `tensors` at fn's generic tracing sizes (None stays None)."""
+    return [None if t is None else torch.zeros(shape, dtype=t.dtype, device=t.device)
+            for t, shape in zip(tensors, fn.example_shapes)]
+
+
+class _Kernels:
+    """The bare Inductor calls (`inductor_call`) of group_forward and group_backward for one signature;
+    the backward is compiled on its first use. Arguments: dense tensors, None left out."""
+
+    def __init__(self, tensors: tuple, eps: float):
+        self.forward = inductor_call.compile_inner(group_forward, _examples(group_forward, tensors), {"eps": eps})
+        self._backward = None
+
+    def backward(self, tensors: tuple):
+        if self._backward is None:
+            self._backward = inductor_call.compile_inner(group_backward, _examples(group_backward, tensors), {})
+        return self._backward([t for t in tensors if t is not None])
+
+
+_kernels: dict[tuple, _Kernels | None] = {}  # signature -> kernels; None: this signature runs through functional._run
+_MISSING = object()
+
+
+def _fast_kernels(x4: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> _Kernels | None:
+    """The bare compiled kernels for these arguments, or None where `functional._run` decides (the eager
+    backend, an outer torch.compile tracing us, a device where compilation failed, mixed devices).
+
+    Why not `functional._run` always: at LeNet5's sizes its per-call costs (signature building, AOTAutograd's
+    runtime wrapper) were ~20 us per forward+backward, a tenth of ATen's whole group norm.
+    """
+    if functional.get_backend() == "eager" or torch.compiler.is_compiling():
+        return None
+    key = (x4.dtype, x4.device, eps) + tuple(None if t is None else (t.dtype, t.device) for t in (weight, bias))
+    kernels = _kernels.get(key, _MISSING)
+    if kernels is _MISSING:
+        kernels = _kernels[key] = _build_kernels((x4, weight, bias), eps)
+    return kernels
+
+
+def _build_kernels(tensors: tuple, eps: float) -> _Kernels | None:
+    device = tensors[0].device
+    if device.type in functional._compile_broken or any(t is not None and t.device != device for t in tensors):
+        return None
+    try:
+        return _Kernels(tensors, eps)
+    except Exception as err:  # no C++ compiler, a torch without compile_to_python, ...
+        warnings.warn(f"bnexp group norm: the bare Inductor kernels failed ({type(err).__name__}: "
+                      f"{(str(err).strip().splitlines() or [''])[0]}); using bnexp.nn.functional's backends",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
 class _GroupNormFunction(torch.autograd.Function):
     """Returns y and, with return_stats, without gradient the group means and biased variances (N, G)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, return_stats):
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         x4 = _grouped(x, groups)
-        y, shift, delta, invstd, mean, var = functional._run("group_forward", group_forward, (x4, weight, bias),
-                                                             {"eps": eps})
-        # the inputs, not their views: a view saved here would break an outer torch.compile (an alias in the graph)
-        ctx.save_for_backward(x, weight, shift, delta, invstd)
-        ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
+        channels_last = not x4.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        kernels = _fast_kernels(x4, weight, bias, eps)
+        if kernels is None:
+            y, shift, delta, invstd, mean, var = functional._run("group_forward", group_forward, (x4, weight, bias),
+                                                                 {"eps": eps})
+            # the input, not its view: a view saved here breaks an outer torch.compile (an alias in the graph)
+            ctx.save_for_backward(x, weight, shift, delta, invstd)
+        else:
+            x4 = _dense(x4)
+            weight, bias = weight if weight is None else _dense(weight), bias if bias is None else _dense(bias)
+            y, shift, delta, invstd, mean, var = kernels.forward([t for t in (x4, weight, bias) if t is not None])
+            ctx.save_for_backward(x4, weight, shift, delta, invstd)
+        ctx.kernels, ctx.shape, ctx.groups = kernels, x.shape, groups
+        ctx.bias_dtype = None if bias is None else bias.dtype
         y = y.view(x.shape)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
@@ -142,12 +209,16 @@ class _GroupNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:
             return (None,) * 6
-        x, weight, shift, delta, invstd = ctx.saved_tensors
-        x4 = _grouped(x, ctx.groups)
-        grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
-                                                 (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+        x4, weight, shift, delta, invstd = ctx.saved_tensors
+        if ctx.kernels is None:
+            x4 = _grouped(x4, ctx.groups)
+            grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
+                                                     (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+        else:
+            grad_x, grad_w, grad_b = ctx.kernels.backward((_dense(grad_y.reshape(x4.shape)), x4, weight, shift,
+                                                           delta, invstd))
         needs = ctx.needs_input_grad
-        grad_x = grad_x.view(x.shape) if needs[0] else None
+        grad_x = grad_x.view(ctx.shape) if needs[0] else None
         grad_w = (grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)) if needs[1] else None
         grad_b = (grad_b if grad_b.dtype == ctx.bias_dtype else grad_b.to(ctx.bias_dtype)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None, None
