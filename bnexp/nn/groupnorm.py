@@ -113,13 +113,8 @@ group_forward.example_shapes = (_GENERIC, _CHANNELS, _CHANNELS)
 group_backward.example_shapes = (_GENERIC, _GENERIC, _CHANNELS, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
 
 
-def _grouped(x: Tensor, groups: int) -> Tensor:
-    """x as (N, G, C/G, S): a view where the layout allows."""
-    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
-
-
-def _dense(t: Tensor) -> Tensor:
-    return t if t.is_contiguous() else t.contiguous()
+def _dense(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _examples(fn, tensors: tuple) -> list:
@@ -133,13 +128,17 @@ class _Kernels:
     the backward is compiled on its first use. Arguments: dense tensors, None left out."""
 
     def __init__(self, tensors: tuple, eps: float):
+        self.affine = tuple(t is not None for t in tensors[1:])
         self.forward = inductor_call.compile_inner(group_forward, _examples(group_forward, tensors), {"eps": eps})
         self._backward = None
 
-    def backward(self, tensors: tuple):
+    def backward(self, grad_y, x4, weight, shift, delta, invstd):
         if self._backward is None:
+            tensors = (grad_y, x4, weight, shift, delta, invstd)
             self._backward = inductor_call.compile_inner(group_backward, _examples(group_backward, tensors), {})
-        return self._backward([t for t in tensors if t is not None])
+        if weight is None:
+            return self._backward([grad_y, x4, shift, delta, invstd])
+        return self._backward([grad_y, x4, weight, shift, delta, invstd])
 
 
 _kernels: dict[tuple, _Kernels | None] = {}  # signature -> kernels; None: this signature runs through functional._run
@@ -155,7 +154,8 @@ def _fast_kernels(x4: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     """
     if functional.get_backend() == "eager" or torch.compiler.is_compiling():
         return None
-    key = (x4.dtype, x4.device, eps) + tuple(None if t is None else (t.dtype, t.device) for t in (weight, bias))
+    key = (x4.dtype, x4.device, eps, None if weight is None else (weight.dtype, weight.device),
+           None if bias is None else (bias.dtype, bias.device))
     kernels = _kernels.get(key, _MISSING)
     if kernels is _MISSING:
         kernels = _kernels[key] = _build_kernels((x4, weight, bias), eps)
@@ -180,7 +180,8 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, return_stats):
-        x4 = _grouped(x, groups)
+        shape = x.shape
+        x4 = x.reshape(shape[0], groups, shape[1] // groups, -1)  # a view where the layout allows
         channels_last = not x4.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         kernels = _fast_kernels(x4, weight, bias, eps)
         if kernels is None:
@@ -189,13 +190,14 @@ class _GroupNormFunction(torch.autograd.Function):
             # the input, not its view: a view saved here breaks an outer torch.compile (an alias in the graph)
             ctx.save_for_backward(x, weight, shift, delta, invstd)
         else:
-            x4 = _dense(x4)
-            weight, bias = weight if weight is None else _dense(weight), bias if bias is None else _dense(bias)
-            y, shift, delta, invstd, mean, var = kernels.forward([t for t in (x4, weight, bias) if t is not None])
+            x4, weight, bias = _dense(x4), _dense(weight), _dense(bias)
+            args = [x4, weight, bias] if kernels.affine == (True, True) else [t for t in (x4, weight, bias)
+                                                                               if t is not None]
+            y, shift, delta, invstd, mean, var = kernels.forward(args)
             ctx.save_for_backward(x4, weight, shift, delta, invstd)
-        ctx.kernels, ctx.shape, ctx.groups = kernels, x.shape, groups
+        ctx.kernels, ctx.shape, ctx.grouped = kernels, shape, y.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        y = y.view(x.shape)
+        y = y.view(shape)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         if not return_stats:
@@ -210,13 +212,12 @@ class _GroupNormFunction(torch.autograd.Function):
         if grad_y is None:
             return (None,) * 6
         x4, weight, shift, delta, invstd = ctx.saved_tensors
+        grad_y = grad_y.reshape(ctx.grouped)
         if ctx.kernels is None:
-            x4 = _grouped(x4, ctx.groups)
             grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
-                                                     (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+                                                     (grad_y, x4.reshape(ctx.grouped), weight, shift, delta, invstd), {})
         else:
-            grad_x, grad_w, grad_b = ctx.kernels.backward((_dense(grad_y.reshape(x4.shape)), x4, weight, shift,
-                                                           delta, invstd))
+            grad_x, grad_w, grad_b = ctx.kernels.backward(_dense(grad_y), x4, weight, shift, delta, invstd)
         needs = ctx.needs_input_grad
         grad_x = grad_x.view(ctx.shape) if needs[0] else None
         grad_w = (grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)) if needs[1] else None
@@ -244,12 +245,15 @@ class GroupNorm(torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 2:
+        shape = input.shape
+        if len(shape) < 2:
             raise ValueError(f"{type(self).__name__}: expected an (N, C, *) input, got {input.dim()}D input")
-        if input.shape[1] != self.num_channels:
+        if shape[1] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels, got input of size "
-                             f"{tuple(input.shape)}")
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+                             f"{tuple(shape)}")
+        if 0 in shape:
+            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return _GroupNormFunction.apply(input, self.weight, self.bias, self.num_groups, self.eps, False)
 
 
 class LayerNorm(GroupNorm):
