@@ -627,6 +627,17 @@ def test_gn_compiled_parity(layout, shape):
     assert not any(key[0].startswith("group_") for key in bnF._compiled)
 
 
+def _refuses_double_backward(layer):
+    x = torch.randn(4, 6, 3, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.sum().backward()
+
+
+def test_gn_double_backward_is_refused():
+    _refuses_double_backward(bnexp.nn.make_norm("gn", 6, 2, groups=3))
+
+
 @pytest.mark.slow
 def test_gn_compiled_odd_inputs_and_fallback(monkeypatch):
     """The bare kernels take dense arguments: a strided weight, an expanded gradient (sum().backward()) and
@@ -642,6 +653,8 @@ def test_gn_compiled_odd_inputs_and_fallback(monkeypatch):
         torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
         for a, r in zip(grads, grads_ref):
             torch.testing.assert_close(a, r, **TOL[torch.float32])
+    with bnF.use_backend("compiled"):
+        _refuses_double_backward(bnexp.nn.make_norm("gn", 6, 2, groups=3))
     monkeypatch.setattr(groupnorm, "_kernels", {})
 
     def broken(*args):
