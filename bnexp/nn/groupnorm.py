@@ -26,20 +26,28 @@ the variance in two passes, mean((d - mean(d))^2), also when compiled: a group's
 contiguous, and Inductor's single-pass var_mean measured ~4x slower than two passes on CPU)
 and the closed-form backward of Wu & He's normalisation
     dL/dx = invstd * (h - mean(h) - x_hat * mean(h * x_hat)),  h = dL/dy * weight[c],
-the means over each sample's group. They run through `functional._run`: compiled by Inductor
-(one kernel each way, traced once at generic sizes with symbolic shapes) under the auto and
-compiled backends, plain torch ops under eager; there are no Triton kernels for them, so on CUDA
-auto/triton run them compiled. A channels_last input is copied to NCHW for the kernels and the
-output copied back to channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
+the means over each sample's group. Under the auto, compiled and triton backends they run
+compiled by Inductor (one kernel each way, traced once per dtype, device, eps and affine at
+generic sizes with symbolic shapes; there are no Triton kernels for them), called bare
+(`bnexp.nn.inductor_call`: Inductor's generated `call`, without AOTAutograd's runtime wrapper).
+They go through `functional._run` instead (the same functions, with its backend rules) under
+eager, inside an outer torch.compile, on a device where compilation failed, for parameters on
+another device than the input, and where the bare kernels cannot be built (one warning). A
+channels_last input is copied to NCHW for the kernels and the output copied back to
+channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
 `torch.nn.functional.group_norm`.
 
-Speed (CPU): the compiled kernels alone are about as fast as ATen's group norm at LeNet5's
-shapes, so what decides the ratio is the fixed cost per call around them (autograd.Function,
-the kernel lookup, AOTAutograd's wrapper of the compiled graph), ~40 us per forward+backward
-more than torch's C++ path. Hence the kernels take weight and bias as (C,) and return (C,)
-gradients and the group mean themselves (no view or add per call), and the statistics leave
-the autograd Function only when asked for (return_stats). Measured ratios: README,
-"Performance (measured)".
+Speed (CPU): at LeNet5's shapes the compiled kernels alone are as fast as ATen's group norm or
+faster (0.7-0.9x of ATen's forward+backward, one thread), so what decides the ratio is the fixed
+cost per call around them, which torch's C++ path does not pay: the autograd Function and its
+Python backward, the signature lookup, the kernels' own Python `call` (allocation, size asserts).
+Each forward+backward is kept to a few cache lookups and views: the kernels take weight and bias
+as (C,) and return (C,) gradients and the group mean themselves, the statistics leave the
+Function only when asked for (return_stats), views take int sizes (a torch.Size argument costs
+~2 us more), and the backward skips once_differentiable's no_grad block when grad mode is off
+already (~3 us). What is left is ~14 us more than torch per forward+backward at (2, 4, 2, 2)
+(one thread, best of many steps; it was ~45 us through `functional._run`). Measured ratios:
+README, "Performance (measured)".
 """
 
 import functools
