@@ -120,6 +120,9 @@ class DatasetSpec:
     how_to_get: str  # appended to the "not found" error
     load: Callable[[Path, bool, bool, bool], tuple[torch.Tensor, torch.Tensor]]
     # load(root, train, verify, download) -> (x uint8 (N,C,H,W), y int64 (N,)) on the CPU
+    count: Callable[[Path, bool, bool, bool], int]
+    # count(root, train, verify, download) -> the split's number of samples, from the files' headers or a
+    # cached count, without loading the split (start-up checks of a sweep: bnexp/preflight.py)
 
 
 @dataclass
@@ -162,6 +165,15 @@ def load_split(name: str, root: str | os.PathLike | None, train: bool, size: int
     return Split(x.to(device), y.to(device), spec.num_classes)
 
 
+def split_size(name: str, root: str | os.PathLike | None, train: bool, verify: bool = True,
+               download: bool = True) -> int:
+    """The number of samples of split `train`/test of data set `name`, as `load_split` would load them
+    (the same files found, unpacked or downloaded, the same header and md5 checks), without loading it."""
+    if name not in DATASETS:
+        raise BnexpError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name].count(resolve_data_dir(root), train, verify, download and not _offline())
+
+
 def _check_labels(y: torch.Tensor, n_images: int, num_classes: int, where: str) -> None:
     if len(y) != n_images:
         raise BnexpError(f"{where}: {len(y)} labels for {n_images} images; the files do not belong together")
@@ -196,7 +208,7 @@ FMNIST_RAW_SIZE = {
     "t10k-images-idx3-ubyte": 7_840_016,
     "t10k-labels-idx1-ubyte": 10_008,
 }
-MD5_CACHE = "md5-cache.json"  # in the user cache: {path: {"stat": ..., "md5": ...}}
+MD5_CACHE = "md5-cache.json"  # in the user cache: {path: {"stat": ..., "md5": ..., "count": ...}}
 
 # MNIST: the same four file names and sizes. torchvision publishes the md5s of its archives only, so
 # archives are checked when unpacked, while unpacked files without archives get the IDX checks alone.
@@ -228,10 +240,18 @@ def _md5_cache() -> dict:
         return {}
 
 
-def _remember_md5(path: Path, md5: str) -> None:
-    """Record path's md5 against its current stat; best effort (a read-only cache only costs time)."""
-    cache, key = _md5_cache(), str(path.resolve())
-    cache[key] = {"stat": _stat_key(path), "md5": md5}
+def _cached(path: Path, what: str):
+    """What the user cache remembers about path ("md5", "count"), if path is unchanged since; else None."""
+    entry = _md5_cache().get(str(path.resolve()))
+    return entry.get(what) if isinstance(entry, dict) and entry.get("stat") == _stat_key(path) else None
+
+
+def _remember(path: Path, what: str, value) -> None:
+    """Record a fact about path (its md5, its count of samples) against its current stat; best effort
+    (a read-only cache only costs time)."""
+    cache, key, stat = _md5_cache(), str(path.resolve()), _stat_key(path)
+    entry = cache.get(key)
+    cache[key] = {**(entry if isinstance(entry, dict) and entry.get("stat") == stat else {"stat": stat}), what: value}
     cache_file = user_cache_dir() / MD5_CACHE
     tmp = cache_file.with_name(f".{MD5_CACHE}.{os.getpid()}.tmp")
     try:
@@ -245,11 +265,10 @@ def _remember_md5(path: Path, md5: str) -> None:
 def file_md5(path: Path) -> str:
     """The md5 of path, hashed once and then read from the user cache while the file's size, mtime,
     ctime and inode stay the same (FashionMNIST's 47 MB train images: ~70 ms hashed, <1 ms cached)."""
-    entry = _md5_cache().get(str(path.resolve()))
-    if isinstance(entry, dict) and entry.get("stat") == _stat_key(path) and isinstance(entry.get("md5"), str):
-        return entry["md5"]
+    if isinstance(md5 := _cached(path, "md5"), str):
+        return md5
     md5 = _hash_file(path)
-    _remember_md5(path, md5)
+    _remember(path, "md5", md5)
     return md5
 
 
@@ -305,7 +324,7 @@ def _unpack_idx(src_dir: Path, dest_root: Path, verify: bool, name: str = "fashi
         archive_ok = not verify or check_integrity(str(gz), gz_md5[gz.name])
         _gunzip(gz, dest / raw)
         if verify and archive_ok and raw_md5:  # the original archive (gzip checked its CRC): so are its contents
-            _remember_md5(dest / raw, raw_md5)
+            _remember(dest / raw, "md5", raw_md5)
         elif not archive_ok and (raw_md5 is None or file_md5(dest / raw) != raw_md5):
             (dest / raw).unlink()
             raise BnexpError(f"{gz}: md5 mismatch, neither the archive nor its contents are the original "
@@ -366,8 +385,10 @@ def _check_idx(path: Path, item_shape: tuple[int, ...]) -> int:
     return dims[0]
 
 
-def _load_idx(name: str, root: Path, train: bool, verify: bool, download: bool):
-    base, folder, cls = _locate_idx(root, verify, download, name), _idx_meta(name)[0], IDX_CLASSES[name]
+def _idx_split(name: str, root: Path, train: bool, verify: bool, download: bool) -> tuple[Path, Path, int]:
+    """(the root holding the split's files, its labels file, its number of samples), after every
+    check that needs no loading: the IDX headers and sizes, and with verify the originals' md5."""
+    base, folder = _locate_idx(root, verify, download, name), _idx_meta(name)[0]
     prefix = "train" if train else "t10k"
     images, labels = (base / folder / f"{prefix}-{k}-idx{d}-ubyte" for k, d in (("images", 3), ("labels", 1)))
     n_images, n_labels = _check_idx(images, (28, 28)), _check_idx(labels, ())
@@ -377,6 +398,16 @@ def _load_idx(name: str, root: Path, train: bool, verify: bool, download: bool):
     if verify:  # torchvision checks no md5 of unpacked files: a flipped byte would train silently
         _verify_raw(images, name)
         _verify_raw(labels, name)
+    return base, labels, n_images
+
+
+def _count_idx(name: str, root: Path, train: bool, verify: bool, download: bool) -> int:
+    return _idx_split(name, root, train, verify, download)[2]
+
+
+def _load_idx(name: str, root: Path, train: bool, verify: bool, download: bool):
+    base, labels, _ = _idx_split(name, root, train, verify, download)
+    folder, cls = _idx_meta(name)[0], IDX_CLASSES[name]
     try:  # the headers were checked above, so a failure here is unexpected: still say where
         ds = cls(base, train=train, download=False)
     except Exception as e:
@@ -460,8 +491,17 @@ def _load_cifar100(root: Path, train: bool, verify: bool, download: bool):
                          "delete it and download the data again") from e
     y = torch.tensor(ds.targets, dtype=torch.int64)
     _check_labels(y, len(ds.data), 100, str(data_file))
+    _remember(data_file, "count", len(y))
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC
     return x, y
+
+
+def _count_cifar100(root: Path, train: bool, verify: bool, download: bool) -> int:
+    """A pickle has no header to read the count from: it is remembered against the file's stat when the
+    split is loaded (user cache, as the md5s), and the split is loaded once if it is not known yet."""
+    data_file = _locate_cifar100(root, verify, download) / CIFAR_FOLDER / ("train" if train else "test")
+    count = _cached(data_file, "count")
+    return count if isinstance(count, int) else len(_load_cifar100(root, train, verify, download)[1])
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -471,19 +511,19 @@ DATASETS: dict[str, DatasetSpec] = {
         "(or run torchvision.datasets.FashionMNIST(root, download=True) on a machine with internet) "
         "into <data_dir>/FashionMNIST/raw/, or install the Debian/Ubuntu package dataset-fashion-mnist; "
         f"point bnexp at the data with data_dir=... or ${ENV_DATA_DIR}",
-        functools.partial(_load_idx, "fashion_mnist")),
+        functools.partial(_load_idx, "fashion_mnist"), functools.partial(_count_idx, "fashion_mnist")),
     "mnist": DatasetSpec(
         "mnist", "MNIST", 10, 1, 28,
         "Run torchvision.datasets.MNIST(root, download=True) on a machine with internet (or copy its four "
         "train-/t10k- .gz files) into <data_dir>/MNIST/raw/; "
         f"point bnexp at the data with data_dir=... or ${ENV_DATA_DIR}",
-        functools.partial(_load_idx, "mnist")),
+        functools.partial(_load_idx, "mnist"), functools.partial(_count_idx, "mnist")),
     "cifar100": DatasetSpec(
         "cifar100", "CIFAR-100", 100, 3, 32,
         f"Download {CIFAR100.url} (or run torchvision.datasets.CIFAR100(root, download=True) on a machine "
         "with internet) into <data_dir>/ (the archive or its unpacked cifar-100-python/ folder); "
         f"point bnexp at the data with data_dir=... or ${ENV_DATA_DIR}",
-        _load_cifar100),
+        _load_cifar100, _count_cifar100),
 }
 
 # ======================================================================== batching

@@ -365,29 +365,18 @@ def plan(overrides: list[str] = (), preset: str | None = None, quiet: bool = Fal
 
 
 def check_inputs(pl: Plan) -> None:
-    """What `bnexp train` would reject at start-up (device, data, sizes), for every point that will
-    train, before any run. A finished point is skipped whatever its inputs (as `bnexp train` skips
-    it), so a sweep whose points are all finished needs neither torch nor the data."""
+    """The start-up checks of `bnexp train` (preflight.check) for every point that will train, before
+    any run. A finished point is skipped whatever its inputs (as `bnexp train` skips it), so a sweep
+    whose points are all finished needs neither torch nor the data."""
     todo = [(i, p) for i, p in enumerate(pl.points, start=1) if not _is_finished(p)]
     if not todo:
         return
-    import torch
+    from . import preflight  # torch: not needed to plan, list or refuse a grid
 
-    from . import data, train as T  # torch: not needed to plan, list or refuse a grid
-    data_sizes: dict[tuple, tuple[int, int]] = {}  # each data source is read once for the whole grid
+    seen = preflight.Seen()  # each data source is counted, each model built, once for the whole grid
     for i, p in todo:
-        cfg = p.cfg
         try:
-            T.use_graphs(cfg, T.resolve_device(cfg.device))
-            key = (cfg.data.name, cfg.data_dir, cfg.data.verify)
-            if key not in data_sizes:
-                root = data.data_root(cfg.data_dir, cfg.data.name)
-                data_sizes[key] = tuple(len(data.load_split(cfg.data.name, root, is_train, None, "cpu",
-                                                            verify=cfg.data.verify)) for is_train in (True, False))
-            T.check_sizes(cfg, *data_sizes[key])
-            spec = data.DATASETS[cfg.data.name]
-            with torch.device("meta"):  # the model's norm layers accept their inputs (e.g. norm=in on an FC layer)
-                T.build(cfg, spec.num_classes, spec.in_channels, spec.image_size)
+            preflight.check(p.cfg, seen)
         except BnexpError as e:
             where = " ".join(o for o in p.overrides if o.split("=", 1)[0] in pl.axes) or p.run_id
             raise BnexpError(f"{e} (grid point {i} of {len(pl.points)}: {where})") from None

@@ -20,7 +20,7 @@ import re
 import secrets
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from . import __version__
 from . import measures_format as MF
+from .config import config_hash
 from .errors import BnexpError
 from .locks import RunLock, describe_process
 
@@ -52,6 +53,87 @@ class RunResult:
     message: str = ""
     epochs_completed: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What a run has recorded so far: saved in its checkpoint after every epoch (`to_checkpoint`), so
+    an interrupted run resumes exactly where the last finished epoch left it (`from_checkpoint`)."""
+    epoch: int = 0  # epochs finished
+    metrics: list[dict] = field(default_factory=list)  # one metrics.csv row per finished epoch
+    losses: list[float] = field(default_factory=list)  # every step's training loss (steps.csv)
+    steps_per_epoch: list[int] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds of the run over all its attempts
+    diverged_at: dict | None = None  # {"epoch", "step"} of the first non-finite loss
+    eval_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    evals: list[dict] = field(default_factory=list)  # evals.csv rows (eval_every)
+    measure_seconds: float = 0.0
+    measures: list[tuple] = field(default_factory=list)  # measures.csv rows (measure)
+    precise_seconds: float = 0.0
+    precise: list[dict] = field(default_factory=list)  # precise.csv rows (precise_bn)
+
+    @property
+    def step(self) -> int:
+        """Training steps taken so far."""
+        return sum(self.steps_per_epoch)
+
+    def to_checkpoint(self) -> dict:
+        """The checkpoint's "state" entry: a plain dict of the fields (what every bnexp has written)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, epochs: int) -> "RunState":
+        """The state of a checkpoint's "state" entry (an older bnexp's may lack newer fields), if its
+        parts agree with each other and with a run of `epochs` epochs; else ValueError."""
+        names = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in saved.items() if k in names})
+        n = state.epoch
+        if not (isinstance(n, int) and 0 <= n <= epochs and len(state.metrics) == n
+                and len(state.steps_per_epoch) == n and state.step == len(state.losses)):
+            raise ValueError(f"its state (epoch {n!r}, {len(state.metrics)} metrics rows) is inconsistent")
+        return state
+
+    def as_of(self, epochs: int) -> "RunState":
+        """This state cut back to its first `epochs` epochs: what the checkpoint on disk holds."""
+        steps = self.steps_per_epoch[:epochs]
+        return replace(self, epoch=epochs, metrics=self.metrics[:epochs], steps_per_epoch=steps,
+                       losses=self.losses[:sum(steps)], measures=[r for r in self.measures if r[0] <= sum(steps)],
+                       precise=self.precise[:epochs])
+
+
+@dataclass
+class Attempt:
+    """What run.json says about this attempt's code: asked once per attempt (git runs a subprocess)."""
+    started: str
+    versions: dict
+    git_commit: str | None
+
+    @classmethod
+    def begin(cls, started: str) -> "Attempt":
+        return cls(started, versions(), git_commit())
+
+
+def run_info(run_id: str, cfg, status: str, state: RunState, attempt: Attempt, device: str, execution: dict,
+             error: str | None = None, ended: str | None = None) -> dict:
+    """run.json of a run in `state`: its status, final metrics, progress, code, execution and times."""
+    rows = state.metrics
+    last = rows[-1] if rows else None
+    return {
+        "run_id": run_id, "status": status,
+        "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+        "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.diverged_at,
+        "error": error, "seed": cfg.seed, "device": device,
+        "config_hash": config_hash(cfg), "versions": attempt.versions, "git_commit": attempt.git_commit,
+        "execution": execution,
+        "started": attempt.started, "ended": ended,
+        "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
+                    "eval": round(state.eval_seconds, 3),
+                    "probes": round(state.probe_seconds, 3),
+                    **({"measures": round(state.measure_seconds, 3)} if cfg.measure else {}),
+                    **({"precise": round(state.precise_seconds, 3)} if cfg.precise_bn else {}),
+                    "total": round(state.elapsed, 3)},
+    }
 
 
 def reason(e: BaseException) -> str:
@@ -240,6 +322,20 @@ class RunDir:
         """measures.csv: one row per (step, instrument, layer, statistic), in step order, rewritten whole
         after every epoch; values as Python writes floats (repr: round-trips exactly, nan for undefined)."""
         atomic_write_text(self.path / MF.FILE_NAME, csv_text(MEASURE_COLUMNS, rows))
+
+    def record_writes(self, cfg, state: RunState) -> list:
+        """The writes of a run's records as of `state`, each on its own (after a crash each is tried even
+        if another fails): metrics.csv, evals.csv (eval_every), measures.csv (measure), precise.csv
+        (precise_bn) and steps.csv."""
+        optional = ((cfg.eval_every, lambda: self.write_evals(state.evals)),
+                    (cfg.measure, lambda: self.write_measures(state.measures)),
+                    (cfg.precise_bn, lambda: self.write_precise(state.precise)))
+        return [lambda: self.write_metrics(state.metrics), *(write for on, write in optional if on),
+                lambda: self.write_steps(state.losses, state.steps_per_epoch)]
+
+    def write_records(self, cfg, state: RunState) -> None:
+        for write in self.record_writes(cfg, state):
+            write()
 
     def write_steps(self, losses: list[float], steps_per_epoch: list[int]) -> None:
         """steps.csv (step, epoch, loss), rewritten whole after every epoch. The lines of earlier

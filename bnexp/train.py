@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from . import config as C
-from . import data, engine, execution, measure, models, precise, probes
+from . import data, engine, execution, measure, models, precise, preflight, probes
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
-from .tracking import (FINISHED, RunDir, RunResult, atomic_write_text, check_writable, git_commit, now_iso,
-                       reason, skipped_result, versions)
+from .tracking import (FINISHED, Attempt, RunDir, RunResult, RunState, atomic_write_text, check_writable, now_iso,
+                       reason, run_info, skipped_result)
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
 
@@ -88,22 +89,6 @@ class Setup:
         return self.execution["bn_backend"]
 
 
-def check_sizes(cfg, n_train: int, n_test: int) -> None:
-    """train_size / test_size within the data, and a batch that fits the training set."""
-    for key, size, n, what in (("train_size", cfg.train_size, n_train, "training"),
-                               ("test_size", cfg.test_size, n_test, "test")):
-        if size is not None and size > n:
-            raise BnexpError(f"{key}={size} exceeds the {n} {what} samples of this data set; "
-                             f"lower {key} or leave it unset")
-    n = cfg.train_size or n_train
-    if cfg.batch_size > n:
-        raise BnexpError(f"batch_size={cfg.batch_size} is larger than the training set ({n} samples); "
-                         f"lower batch_size or raise train_size")
-    if cfg.norm.kind != "none" and min(cfg.test_size or n_test, n_test) < 2:  # test_size=1 fails in config
-        raise BnexpError(f"the test set has {n_test} sample: the activation probe of a BN model needs at least 2 "
-                         f"(batch statistics); use other data or bn=off")
-
-
 def use_graphs(cfg, device: torch.device) -> bool:
     """Whether the run captures its training step as a CUDA graph (raises on an impossible cuda_graphs=on)."""
     momentum = cfg.norm.momentum if cfg.norm.kind in BATCH_STAT_KINDS else 0.0  # only they count batches
@@ -111,11 +96,11 @@ def use_graphs(cfg, device: torch.device) -> bool:
 
 
 def load_data(cfg, device) -> tuple[data.Split, data.Split]:
-    """The training and test splits on `device`, cut to train_size / test_size (slices are views)."""
+    """The training and test splits on `device`, cut to train_size / test_size (slices are views;
+    preflight.check has checked that the sizes fit)."""
     root = data.data_root(cfg.data_dir, cfg.data.name)
     train = data.load_split(cfg.data.name, root, True, None, device, verify=cfg.data.verify)
     test = data.load_split(cfg.data.name, root, False, None, device, verify=cfg.data.verify)
-    check_sizes(cfg, len(train), len(test))
     train = replace(train, x=train.x[:cfg.train_size], y=train.y[:cfg.train_size])  # [:None] keeps all
     test = replace(test, x=test.x[:cfg.test_size], y=test.y[:cfg.test_size])
     return train, test
@@ -232,6 +217,220 @@ def evaluate(model, split: data.Split, batch_size: int, opts: engine.ExecOptions
 
 # ----------------------------------------------------------------------------- the run
 
+def run(cfg, force: bool = False) -> RunResult:
+    """Train the run `cfg` describes, unless it already finished; resume it if it was interrupted."""
+    results_dir = Path(cfg.results_dir)
+    check_writable(results_dir)
+    rd = RunDir(results_dir, C.run_id(cfg))
+    if not force and rd.status() in FINISHED:
+        return skipped_result(rd)
+    preflight.check(cfg)  # bad input fails here or in prepare, before the run directory is touched
+    s = prepare(cfg)
+    if not rd.acquire():
+        return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
+    try:
+        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
+            return skipped_result(rd)
+        if force:
+            rd.clear()
+        with execution.applied(s.threads, s.bn_backend):
+            return _train(cfg, rd, s)
+    finally:
+        rd.release()
+
+
+@dataclass
+class Training:
+    """One attempt at a run: its config, setup and state, and where its records go. Every write to the
+    run directory goes through `rd` and every TensorBoard event through `tb`."""
+    cfg: DictConfig
+    s: Setup
+    rd: RunDir
+    state: RunState
+    attempt: Attempt
+    tb: TensorBoardLog
+    samples: dict  # the activation probes so far: "e<epoch>/<layer>/<where>" -> samples (activations.npz)
+    resumed: int  # the epochs the checkpoint held when this attempt started
+    saved: int  # the epochs checkpoint.pt holds now: run.json never claims more
+    probe_x: torch.Tensor  # the fixed probe batch (probe_input)
+    probe_at: set  # the epochs whose activations are probed (0: at initialisation)
+    bar: object  # the step progress bar, None with progress=false
+    t_start: float  # perf_counter() at the run's start, earlier attempts included
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def info(self, status: str, state: RunState | None = None, **extra) -> dict:
+        """run.json for `status`, as of `state` (default: the current one)."""
+        return run_info(self.rd.run_id, self.cfg, status, state or self.state, self.attempt, str(self.s.device),
+                        self.s.execution, **extra)
+
+
+def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
+    """One attempt, top to bottom: resume (or start), then per epoch train, evaluate, log, probe and
+    save. A crash is recorded (run.json failed, error.log) and re-raised."""
+    t = _begin(cfg, rd, s)
+    status, failed = "running", False
+    try:
+        if t.resumed == 0:
+            _record_initial(t)
+        for epoch in range(t.resumed + 1, cfg.epochs + 1):
+            ep = _train_epoch(t, epoch)
+            if not all(math.isfinite(v) for v in ep["losses"]):
+                _diverged(t, epoch)
+                status = "diverged"
+                break
+            row = _evaluate_epoch(t, epoch, ep)
+            _log_epoch(t, row)
+            _probe_epoch(t, epoch)
+            _save(t, epoch)
+        else:
+            status = "completed"
+    except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
+        failed = True
+        _record_failure(t, e)
+        raise
+    finally:
+        _close_progress(t, failed)
+    return _finish(t, status)
+
+
+def _begin(cfg, rd: RunDir, s: Setup) -> Training:
+    """Restore the checkpoint (if any), act on damaged files, write config.yaml and a running run.json,
+    and open the TensorBoard log (purging the steps a resumed attempt replays)."""
+    state = _resume_state(rd, s, cfg)
+    resumed = state.epoch
+    prior = rd.read_info() or {}
+    attempt = Attempt.begin(prior.get("started") if resumed and prior.get("started") else now_iso())
+    samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
+    _take_stock(rd, resumed)
+    rd.write_config(cfg)
+    rd.write_info(run_info(rd.run_id, cfg, "running", state, attempt, str(s.device), s.execution))
+    tb = TensorBoardLog(rd.path, purge_step=state.step + 1 if resumed else None)
+    tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
+    return Training(cfg, s, rd, state, attempt, tb, samples, resumed, saved=resumed,
+                    probe_x=probe_input(s.model, s.test, s.opts), probe_at=probes.probe_epochs(cfg.epochs, cfg.probe_every),
+                    bar=_progress_bar(cfg, cfg.epochs * s.program.steps, state.step),
+                    t_start=time.perf_counter() - state.elapsed)
+
+
+def _record_initial(t: Training) -> None:
+    """Before the first step: the activation probes at initialisation, and the instruments at step 0."""
+    _probe(t, 0)
+    if t.s.meter is not None:
+        measure_at(t.s, t.state, 0, epoch_order(t.cfg, len(t.s.train), 1), 0, t.tb)
+
+
+def _train_epoch(t: Training, epoch: int) -> dict:
+    """Train one epoch (with its mid-epoch evaluations and measurements), log its steps, add their
+    losses to the state; returns train_epoch's dict with the losses as a list and the epoch's lr."""
+    s, cfg, state, step0 = t.s, t.cfg, t.state, t.state.step
+    on_step = _both(_mid_epoch_evals(s, cfg, state, epoch, step0, t.tb), measure_hook(s, cfg, state, epoch, step0, t.tb))
+    ep = train_epoch(s, cfg, epoch, t.bar, on_step)
+    losses, lr = ep["losses"].tolist(), s.optimizer.param_groups[0]["lr"]
+    t.tb.step_scalars(step0 + 1, {"batch/loss": losses, "batch/acc": ep["step_acc"].tolist(), "batch/lr": [lr] * len(losses)})
+    state.losses += losses
+    state.steps_per_epoch.append(len(losses))
+    return {**ep, "losses": losses, "lr": lr}
+
+
+def _diverged(t: Training, epoch: int) -> None:
+    t.state.diverged_at = {"epoch": epoch, "step": t.state.step}
+    # a GPU checks every 50 steps: the steps it ran past the first non-finite loss, and their
+    # measurements, are not the run's
+    t.state.measures = [r for r in t.state.measures if r[0] <= t.state.step]
+
+
+def _evaluate_epoch(t: Training, epoch: int, ep: dict) -> dict:
+    """The epoch's metrics.csv row (test set with running statistics), and with precise_bn the test
+    set with recomputed statistics too."""
+    test_loss, test_acc = _epoch_evaluation(t.s, t.cfg, t.state, t.state.step)
+    row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
+           "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6), "lr": ep["lr"], "seconds": round(ep["seconds"], 4)}
+    t.state.metrics.append(row)
+    if t.cfg.precise_bn:
+        _precise_evaluation(t.s, t.cfg, t.state, epoch, t.state.step, t.tb)
+    return row
+
+
+def _log_epoch(t: Training, row: dict) -> None:
+    _epoch_line(t.bar, t.cfg, row)
+    t.tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, t.state.step)
+
+
+def _probe_epoch(t: Training, epoch: int) -> None:
+    if epoch in t.probe_at:
+        _probe(t, epoch)
+        t.rd.write_activations(t.samples)
+
+
+def _save(t: Training, epoch: int) -> None:
+    """Mark `epoch` done: the checkpoint, then the records and run.json it vouches for."""
+    t.state.epoch = epoch
+    t.state.elapsed = t.elapsed()
+    # The epoch's events reach disk before the checkpoint that marks the epoch done: a kill between
+    # the two replays the epoch, and the resumed attempt's purge hides the replayed steps' first copy.
+    t.tb.flush()
+    _checkpoint(t.rd, t.s, t.cfg, t.state)
+    t.saved = epoch
+    t.rd.write_records(t.cfg, t.state)
+    t.rd.write_info(t.info("running"))
+
+
+def _finish(t: Training, status: str) -> RunResult:
+    """The final records and run.json, and the TensorBoard session's end."""
+    t.state.elapsed = t.elapsed()
+    t.rd.write_records(t.cfg, t.state)
+    if t.samples:
+        t.rd.write_activations(t.samples)
+    info = t.info(status, ended=now_iso())
+    t.rd.write_info(info)
+    t.tb.session_end(status)
+    t.tb.close()
+    return RunResult(t.rd.run_id, t.rd.path, status, info["final"], t.state.elapsed,
+                     epochs_completed=len(t.state.metrics),
+                     extra={"resumed_from": t.resumed, "diverged_at": t.state.diverged_at})
+
+
+def _close_progress(t: Training, failed: bool) -> None:
+    """Flush the TensorBoard log and close the progress bar, whether the attempt ended or crashed."""
+    try:
+        t.tb.flush()
+    except OSError:
+        if not failed:  # after a crash (a full disk, say) the crash is what to report
+            raise
+    finally:
+        if t.bar is not None:
+            t.bar.close()
+
+
+def _record_failure(t: Training, e: Exception) -> None:
+    """A crash's error.log, then metrics, steps and a failed run.json as of the last checkpoint.
+
+    Each write may fail too (a full disk): the others are still tried, and an error.log that could
+    not be written is removed rather than left empty or holding an earlier attempt's traceback.
+    Sets e.error_log to the log written, if one was.
+    """
+    t.state.elapsed = t.elapsed()
+    state = t.state.as_of(t.saved)
+    log = t.rd.path / "error.log"
+    try:
+        atomic_write_text(log, traceback.format_exc())
+    except OSError:
+        log.unlink(missing_ok=True)
+    else:
+        try:
+            e.error_log = log
+        except (AttributeError, TypeError):  # an exception type that takes no attributes
+            pass
+    failed = t.info("failed", state, error=f"{type(e).__name__}: {e}", ended=now_iso())
+    for write in (*t.rd.record_writes(t.cfg, state), lambda: t.rd.write_info(failed)):
+        try:
+            write()
+        except OSError:
+            pass
+
+
 def _progress_bar(cfg, total: int, initial: int):
     if not cfg.progress:
         return None
@@ -250,50 +449,21 @@ def _epoch_line(bar, cfg, row: dict) -> None:
               f"  test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}  {row['seconds']:.1f}s", file=sys.stderr)
 
 
-def _attempt(started: str) -> dict:
-    """What run.json says about this attempt's code: asked once per attempt (git runs a subprocess)."""
-    return {"started": started, "versions": versions(), "git_commit": git_commit()}
+# ----------------------------------------------------------------------------- evaluations, probes, instruments
 
-
-def _info(rd: RunDir, cfg, s: Setup, status: str, state: dict, attempt: dict, **extra) -> dict:
-    rows = state["metrics"]
-    last = rows[-1] if rows else None
-    return {
-        "run_id": rd.run_id, "status": status,
-        "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
-        "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.get("diverged_at"),
-        "error": extra.get("error"), "seed": cfg.seed, "device": str(s.device),
-        "config_hash": C.config_hash(cfg), "versions": attempt["versions"], "git_commit": attempt["git_commit"],
-        "execution": s.execution,
-        "started": attempt["started"], "ended": extra.get("ended"),
-        "seconds": {"train": round(sum(r["seconds"] for r in rows), 3),
-                    "eval": round(state["eval_seconds"], 3),
-                    "probes": round(state["probe_seconds"], 3),
-                    **({"measures": round(state["measure_seconds"], 3)} if cfg.measure else {}),
-                    **({"precise": round(state["precise_seconds"], 3)} if cfg.precise_bn else {}),
-                    "total": round(state["elapsed"], 3)},
-    }
-
-
-def _fresh_state() -> dict:
-    return {"epoch": 0, "metrics": [], "losses": [], "steps_per_epoch": [], "elapsed": 0.0, "diverged_at": None,
-            "eval_seconds": 0.0, "probe_seconds": 0.0, "evals": [], "measure_seconds": 0.0, "measures": [],
-            "precise_seconds": 0.0, "precise": []}
-
-
-def _epoch_evaluation(s: Setup, cfg, state: dict, step: int) -> tuple[float, float]:
+def _epoch_evaluation(s: Setup, cfg, state: RunState, step: int) -> tuple[float, float]:
     """Test loss and accuracy at the end of an epoch (its last step is `step`): the eval_every
     evaluation of that same step when there is one (the model has not changed since), else a new one."""
-    last = state["evals"][-1] if state["evals"] else None
+    last = state.evals[-1] if state.evals else None
     if last is not None and last["step"] == step:
         return last["test_loss"], last["test_acc"]
     t = time.perf_counter()
     test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
-    state["eval_seconds"] += time.perf_counter() - t
+    state.eval_seconds += time.perf_counter() - t
     return test_loss, test_acc
 
 
-def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
+def _mid_epoch_evals(s: Setup, cfg, state: RunState, epoch: int, step0: int, tb):
     """The `on_step` of an epoch when eval_every > 0: test loss/accuracy every eval_every steps."""
     if not cfg.eval_every:
         return None
@@ -303,30 +473,51 @@ def _mid_epoch_evals(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
         if step % cfg.eval_every == 0:
             t = time.perf_counter()
             test_loss, test_acc = evaluate(s.model, s.test, cfg.batch_size, s.opts)
-            state["eval_seconds"] += time.perf_counter() - t
-            state["evals"].append({"step": step, "epoch": epoch, "test_loss": round(test_loss, 6),
-                                   "test_acc": round(test_acc, 6)})
+            state.eval_seconds += time.perf_counter() - t
+            state.evals.append({"step": step, "epoch": epoch, "test_loss": round(test_loss, 6),
+                                "test_acc": round(test_acc, 6)})
             tb.scalars({"eval/test_loss": test_loss, "eval/test_acc": test_acc}, step)
     return on_step
 
 
-def measure_at(s: Setup, state: dict, step: int, order: torch.Tensor, k: int, tb) -> None:
+def _precise_evaluation(s: Setup, cfg, state: RunState, epoch: int, step: int, tb) -> None:
+    """precise_bn: the test set with population statistics recomputed over precise_bn training batches,
+    on a copy of the model (bnexp/precise.py), recorded beside the epoch's usual evaluation."""
+    t = time.perf_counter()
+    batches = precise.precise_batches(len(s.train), cfg.batch_size, cfg.precise_bn, cfg.seed)
+    twin = precise.recompute(s.model, s.train, batches, s.opts)
+    test_loss, test_acc = evaluate(twin, s.test, cfg.batch_size, s.opts)
+    state.precise.append({"epoch": epoch, "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
+                          "batches": len(batches)})
+    tb.scalars({"epoch/test_loss_precise": test_loss, "epoch/test_acc_precise": test_acc}, step)
+    state.precise_seconds += time.perf_counter() - t
+
+
+def _probe(t: Training, epoch: int) -> None:
+    """Record the activation probes of `epoch` and count the time they take."""
+    t0 = time.perf_counter()
+    with engine.autocast(t.s.device, t.s.opts.precision):
+        probes.record(t.s.model, t.probe_x, epoch, t.state.step, t.samples, t.tb)
+    t.state.probe_seconds += time.perf_counter() - t0
+
+
+def measure_at(s: Setup, state: RunState, step: int, order: torch.Tensor, k: int, tb) -> None:
     """Record the instruments at `step` on the batch that step + 1 trains on: batch k (0-based) of `order`."""
     t = time.perf_counter()
     start = sum(s.program.batch_sizes[:k])
     idx = order[start:start + s.program.batch_sizes[k]].to(s.device)
     x = engine.model_input(s.train.x[idx], s.model.input_size, s.opts.channels_last)
     rows = s.meter.measure(step, x, s.train.y[idx])
-    state["measures"] += rows
+    state.measures += rows
     tb.scalars({MF.tensorboard_tag(inst, layer, stat): value for _, inst, layer, stat, value in rows}, step)
-    state["measure_seconds"] += time.perf_counter() - t
+    state.measure_seconds += time.perf_counter() - t
 
 
-def measure_hook(s: Setup, cfg, state: dict, epoch: int, step0: int, tb):
+def measure_hook(s: Setup, cfg, state: RunState, epoch: int, step0: int, tb):
     """The `on_step` of an epoch with instruments on: a measurement after every step that is a
     multiple of measure_every. After the epoch's last step the batch of step + 1 is the next epoch's
     first, so that measurement belongs to this epoch (and its checkpoint); after the run's last step
-    there is no next batch and none is taken. Step 0 is measured before the first epoch (_train)."""
+    there is no next batch and none is taken. Step 0 is measured before the first epoch (_record_initial)."""
     if s.meter is None:
         return None
     order = epoch_order(cfg, len(s.train), epoch)
@@ -349,16 +540,26 @@ def _both(first, second):
     return lambda k: (first(k), second(k))
 
 
-def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
-    """Restore model, optimiser and RNG from the last checkpoint, if it belongs to this config; refuse
-    (BnexpError, nothing written) if it was taken under other execution settings.
+# ----------------------------------------------------------------------------- checkpoint and resume
+
+def _checkpoint(rd: RunDir, s: Setup, cfg, state: RunState) -> None:
+    """checkpoint.pt: config hash, execution settings, model, optimiser, RNG and the run's state."""
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}
+    rd.save_checkpoint({"config_hash": C.config_hash(cfg), "execution": s.execution, "model": s.model.state_dict(),
+                        "optimizer": s.optimizer.state_dict(), "rng": rng, "state": state.to_checkpoint()})
+
+
+def _resume_state(rd: RunDir, s: Setup, cfg) -> RunState:
+    """Restore model, optimiser and RNG from the last checkpoint (_checkpoint), if it belongs to this
+    config; refuse (BnexpError, nothing written) if it was taken under other execution settings.
 
     A checkpoint that loads but cannot be restored (missing keys, wrong shapes, an inconsistent
     state) is noted in rd.damaged like an unreadable one, and the setup is put back as it was.
     """
     ckpt = rd.load_checkpoint()
     if ckpt is None or ckpt.get("config_hash") != C.config_hash(cfg):
-        return _fresh_state()
+        return RunState()
     refused = execution.mismatch(rd.run_id, ckpt.get("execution"), s.execution)
     if refused:
         raise refused
@@ -369,11 +570,11 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> dict:
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if ckpt["rng"].get("cuda") is not None and s.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.device)
-        return _checked_state({**_fresh_state(), **ckpt["state"]}, cfg)  # an older bnexp's may lack newer keys
+        return RunState.from_checkpoint(ckpt["state"], cfg.epochs)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         _restore_snapshot(s, fresh)
         rd.damaged["checkpoint.pt"] = f"cannot be restored ({reason(e)})"
-        return _fresh_state()
+        return RunState()
 
 
 def _snapshot(s: Setup) -> tuple:
@@ -389,51 +590,6 @@ def _restore_snapshot(s: Setup, snap: tuple) -> None:
     torch.set_rng_state(rng)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, s.device)
-
-
-def _checked_state(state: dict, cfg) -> dict:
-    """A checkpoint's training state, if its parts agree with each other and with the config."""
-    n = state["epoch"]
-    if not (isinstance(n, int) and 0 <= n <= cfg.epochs and len(state["metrics"]) == n
-            and len(state["steps_per_epoch"]) == n and sum(state["steps_per_epoch"]) == len(state["losses"])):
-        raise ValueError(f"its state (epoch {n!r}, {len(state['metrics'])} metrics rows) is inconsistent")
-    return state
-
-
-def _checkpoint(rd: RunDir, s: Setup, cfg, state: dict) -> None:
-    rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}
-    rd.save_checkpoint({"config_hash": C.config_hash(cfg), "execution": s.execution, "model": s.model.state_dict(),
-                        "optimizer": s.optimizer.state_dict(), "rng": rng, "state": state})
-
-
-def run(cfg, force: bool = False) -> RunResult:
-    """Train the run `cfg` describes, unless it already finished; resume it if it was interrupted."""
-    results_dir = Path(cfg.results_dir)
-    check_writable(results_dir)
-    rd = RunDir(results_dir, C.run_id(cfg))
-    if not force and rd.status() in FINISHED:
-        return skipped_result(rd)
-    s = prepare(cfg)  # bad input fails here, before the run directory is touched
-    if not rd.acquire():
-        return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
-    try:
-        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
-            return skipped_result(rd)
-        if force:
-            rd.clear()
-        with execution.applied(s.threads, s.bn_backend):
-            return _train(cfg, rd, s)
-    finally:
-        rd.release()
-
-
-def _probe(s: Setup, state: dict, probe_x, epoch: int, step: int, samples: dict, tb) -> None:
-    """Record the activation probes of `epoch` and count the time they take."""
-    t0 = time.perf_counter()
-    with engine.autocast(s.device, s.opts.precision):
-        probes.record(s.model, probe_x, epoch, step, samples, tb)
-    state["probe_seconds"] += time.perf_counter() - t0
 
 
 def _take_stock(rd: RunDir, resumed: int) -> None:
@@ -453,157 +609,3 @@ def _take_stock(rd: RunDir, resumed: int) -> None:
         if name in rd.damaged:
             print(f"warning: {rd.path / name} {rd.damaged[name]}; {action}", file=sys.stderr)
     rd.damaged.clear()
-
-
-def _as_of(state: dict, epochs: int) -> dict:
-    """`state` cut back to its first `epochs` epochs: what the checkpoint on disk holds."""
-    steps = state["steps_per_epoch"][:epochs]
-    return {**state, "epoch": epochs, "metrics": state["metrics"][:epochs], "steps_per_epoch": steps,
-            "losses": state["losses"][:sum(steps)], "measures": [r for r in state["measures"] if r[0] <= sum(steps)],
-            "precise": state["precise"][:epochs]}
-
-
-def _record_writes(rd: RunDir, cfg, state: dict) -> list:
-    """The writes of the records a config asks for besides metrics and steps: evals.csv (eval_every),
-    measures.csv (measure) and precise.csv (precise_bn)."""
-    return [w for on, w in ((cfg.eval_every, lambda: rd.write_evals(state["evals"])),
-                            (cfg.measure, lambda: rd.write_measures(state["measures"])),
-                            (cfg.precise_bn, lambda: rd.write_precise(state["precise"]))) if on]
-
-
-def _precise_evaluation(s: Setup, cfg, state: dict, epoch: int, step: int, tb) -> None:
-    """precise_bn: the test set with population statistics recomputed over precise_bn training batches,
-    on a copy of the model (bnexp/precise.py), recorded beside the epoch's usual evaluation."""
-    t = time.perf_counter()
-    batches = precise.precise_batches(len(s.train), cfg.batch_size, cfg.precise_bn, cfg.seed)
-    twin = precise.recompute(s.model, s.train, batches, s.opts)
-    test_loss, test_acc = evaluate(twin, s.test, cfg.batch_size, s.opts)
-    state["precise"].append({"epoch": epoch, "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
-                             "batches": len(batches)})
-    tb.scalars({"epoch/test_loss_precise": test_loss, "epoch/test_acc_precise": test_acc}, step)
-    state["precise_seconds"] += time.perf_counter() - t
-
-
-def _record_failure(rd: RunDir, cfg, s: Setup, state: dict, attempt: dict, e: Exception) -> None:
-    """A crash's error.log, then metrics, steps and a failed run.json as of the last checkpoint.
-
-    Each write may fail too (a full disk): the others are still tried, and an error.log that could
-    not be written is removed rather than left empty or holding an earlier attempt's traceback.
-    Sets e.error_log to the log written, if one was.
-    """
-    log = rd.path / "error.log"
-    try:
-        atomic_write_text(log, traceback.format_exc())
-    except OSError:
-        log.unlink(missing_ok=True)
-    else:
-        try:
-            e.error_log = log
-        except (AttributeError, TypeError):  # an exception type that takes no attributes
-            pass
-    writes = (lambda: rd.write_metrics(state["metrics"]),
-              lambda: rd.write_steps(state["losses"], state["steps_per_epoch"]),
-              *_record_writes(rd, cfg, state),
-              lambda: rd.write_info(_info(rd, cfg, s, "failed", state, attempt, error=f"{type(e).__name__}: {e}",
-                                          ended=now_iso())))
-    for write in writes:
-        try:
-            write()
-        except OSError:
-            pass
-
-
-def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
-    state = _resume_state(rd, s, cfg)
-    resumed = state["epoch"]
-    prior = rd.read_info() or {}
-    attempt = _attempt(prior.get("started") if resumed and prior.get("started") else now_iso())
-    samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
-    _take_stock(rd, resumed)
-    saved = resumed  # the epochs checkpoint.pt holds: run.json never claims more
-    rd.write_config(cfg)
-    rd.write_info(_info(rd, cfg, s, "running", state, attempt))
-    step0 = sum(state["steps_per_epoch"])
-    tb = TensorBoardLog(rd.path, purge_step=step0 + 1 if resumed else None)
-    tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
-    probe_x = probe_input(s.model, s.test, s.opts)
-    probe_at = probes.probe_epochs(cfg.epochs, cfg.probe_every)
-    bar = _progress_bar(cfg, cfg.epochs * s.program.steps, step0)
-    t_start = time.perf_counter() - state["elapsed"]
-    status, failed = "running", False
-    try:
-        if resumed == 0:
-            _probe(s, state, probe_x, 0, 0, samples, tb)
-            if s.meter is not None:
-                measure_at(s, state, 0, epoch_order(cfg, len(s.train), 1), 0, tb)
-        for epoch in range(resumed + 1, cfg.epochs + 1):
-            on_step = _both(_mid_epoch_evals(s, cfg, state, epoch, step0, tb),
-                            measure_hook(s, cfg, state, epoch, step0, tb))
-            ep = train_epoch(s, cfg, epoch, bar, on_step)
-            step_losses = ep["losses"].tolist()
-            lr = s.optimizer.param_groups[0]["lr"]
-            tb.step_scalars(step0 + 1, {"batch/loss": step_losses, "batch/acc": ep["step_acc"].tolist(),
-                                        "batch/lr": [lr] * len(step_losses)})
-            state["losses"] += step_losses
-            state["steps_per_epoch"].append(len(step_losses))
-            step0 += len(step_losses)
-            if not all(math.isfinite(v) for v in step_losses):
-                state["diverged_at"] = {"epoch": epoch, "step": step0}
-                # a GPU checks every 50 steps: the steps it ran past the first non-finite loss, and their
-                # measurements, are not the run's
-                state["measures"] = [r for r in state["measures"] if r[0] <= step0]
-                status = "diverged"
-                break
-            test_loss, test_acc = _epoch_evaluation(s, cfg, state, step0)
-            row = {"epoch": epoch, "train_loss": round(ep["train_loss"], 6), "train_acc": round(ep["train_acc"], 6),
-                   "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6),
-                   "lr": lr, "seconds": round(ep["seconds"], 4)}
-            state["metrics"].append(row)
-            _epoch_line(bar, cfg, row)
-            if cfg.precise_bn:
-                _precise_evaluation(s, cfg, state, epoch, step0, tb)
-            tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, step0)
-            if epoch in probe_at:
-                _probe(s, state, probe_x, epoch, step0, samples, tb)
-                rd.write_activations(samples)
-            state["epoch"] = epoch
-            state["elapsed"] = time.perf_counter() - t_start
-            # The epoch's events reach disk before the checkpoint that marks the epoch done: a kill between
-            # the two replays the epoch, and the resumed attempt's purge hides the replayed steps' first copy.
-            tb.flush()
-            _checkpoint(rd, s, cfg, state)
-            saved = epoch
-            rd.write_metrics(state["metrics"])
-            for write in _record_writes(rd, cfg, state):
-                write()
-            rd.write_steps(state["losses"], state["steps_per_epoch"])
-            rd.write_info(_info(rd, cfg, s, "running", state, attempt))
-        else:
-            status = "completed"
-    except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
-        state["elapsed"] = time.perf_counter() - t_start
-        failed = True
-        _record_failure(rd, cfg, s, _as_of(state, saved), attempt, e)
-        raise
-    finally:
-        try:
-            tb.flush()
-        except OSError:
-            if not failed:  # after a crash (a full disk, say) the crash is what to report
-                raise
-        if bar is not None:
-            bar.close()
-    state["elapsed"] = time.perf_counter() - t_start
-    rd.write_metrics(state["metrics"])
-    for write in _record_writes(rd, cfg, state):
-        write()
-    rd.write_steps(state["losses"], state["steps_per_epoch"])
-    if samples:
-        rd.write_activations(samples)
-    info = _info(rd, cfg, s, status, state, attempt, ended=now_iso())
-    rd.write_info(info)
-    tb.session_end(status)
-    tb.close()
-    return RunResult(rd.run_id, rd.path, status, info["final"], state["elapsed"], epochs_completed=len(state["metrics"]),
-                     extra={"resumed_from": resumed, "diverged_at": state["diverged_at"]})
-

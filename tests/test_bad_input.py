@@ -69,11 +69,11 @@ def test_limits_are_inclusive_and_bn_off_allows_batches_of_one(capsys, synth_dat
 
 
 def test_a_bn_model_on_a_one_sample_test_set(synth_data_dir):
-    from bnexp import train as T
+    from bnexp import preflight
 
     with pytest.raises(Exception, match="the test set has 1 sample"):
-        T.check_sizes(C.compose(["batch_size=64"]), 512, 1)
-    T.check_sizes(C.compose(["batch_size=64", "bn=off"]), 512, 1)
+        preflight.check_sizes(C.compose(["batch_size=64"]), 512, 1)
+    preflight.check_sizes(C.compose(["batch_size=64", "bn=off"]), 512, 1)
 
 
 @pytest.mark.parametrize("args, message", [

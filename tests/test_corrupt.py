@@ -446,7 +446,7 @@ def test_really_full_disk_mid_run(capsys, synth_data_dir, small_tmpfs, monkeypat
 
     def checkpoint(rd, s, cfg, state, *rest, **kw):
         real_checkpoint(rd, s, cfg, state, *rest, **kw)
-        if state["epoch"] == 1 and when == "after checkpoint 1":
+        if state.epoch == 1 and when == "after checkpoint 1":
             _fill(filler)
 
     def train_epoch(s, cfg, epoch, *rest, **kw):

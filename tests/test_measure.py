@@ -339,7 +339,7 @@ def test_a_crash_leaves_the_measurements_of_the_checkpointed_epochs(synth_data_d
     real = T._epoch_evaluation
 
     def crash_in_epoch_2(s, cfg, state, step):
-        if state["epoch"] == 1:  # epoch 2 trained (and measured), not yet checkpointed
+        if state.epoch == 1:  # epoch 2 trained (and measured), not yet checkpointed
             raise RuntimeError("simulated crash")
         return real(s, cfg, state, step)
 

@@ -6,6 +6,7 @@ steps.csv must be byte-identical. `threads=2` is set explicitly: the old sweep g
 workers cores // 2 = 1 thread, which changed the numbers under the same run id.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ if os.environ.get("BNEXP_TEST_DIE_AFTER_EPOCH"):
     _orig = T._checkpoint
     def _checkpoint(rd, s, cfg, state):
         _orig(rd, s, cfg, state)
-        if state["epoch"] == _epoch and cfg.seed == _seed:
+        if state.epoch == _epoch and cfg.seed == _seed:
             os._exit(9)
     T._checkpoint = _checkpoint
 """
@@ -210,3 +211,21 @@ def test_run_restores_the_callers_thread_count_and_backend(synth_data_dir, tmp_p
     before = torch.get_num_threads(), bn_functional.get_backend()
     T.run(_cfg(synth_data_dir, tmp_path, "threads=2", "norm.backend=eager", "epochs=1"))
     assert (torch.get_num_threads(), bn_functional.get_backend()) == before
+
+
+# The run id and first epoch of a small fixed config, as this version of bnexp computes them: a refactor
+# of the config, the loop or the writers must leave both unchanged (a deliberate change updates them here).
+PINNED_ARGS = ["device=cpu", "train_size=256", "test_size=128", "batch_size=32", "epochs=1", "data.verify=false",
+               "progress=false", "threads=1", "lr=0.2", "bn=on", "norm.backend=eager"]
+PINNED_RUN_ID = "lenet5-fashion_mnist-bn-sgd-lr0.2-bs32-e1-s0-f1e48a3317"
+PINNED_EPOCH1 = "1,0.799982,0.871094,2.175472,0.367188,0.2"  # metrics.csv's row without its seconds
+PINNED_STEPS_SHA256 = "ec4683b3d987b7037812398944c9a82ffa048a9663db0c725a23b93c6d744d2e"  # steps.csv, the epoch's 8 losses
+
+
+def test_a_fixed_config_keeps_its_run_id_and_first_epoch(synth_data_dir, tmp_path):
+    cfg = C.compose([f"data_dir={synth_data_dir}", f"results_dir={tmp_path}", *PINNED_ARGS])
+    result = T.run(cfg)
+    metrics, steps = record(result.path)
+    assert result.run_id == PINNED_RUN_ID
+    assert metrics.splitlines()[1] == PINNED_EPOCH1
+    assert hashlib.sha256(steps.encode()).hexdigest() == PINNED_STEPS_SHA256

@@ -2,7 +2,9 @@
 
 import csv
 
-from bnexp.tracking import RunDir
+import pytest
+
+from bnexp.tracking import RunDir, RunState
 
 
 def read_steps(rd):
@@ -30,3 +32,18 @@ def test_steps_csv_grows_epoch_by_epoch_and_restarts_cleanly(tmp_path):
     shorter = [1.0, 2.0]
     rd.write_steps(shorter, [2])  # fewer losses than written: everything is formatted again
     assert read_steps(rd) == expected(shorter, [2])
+
+
+def test_run_state_round_trips_through_the_checkpoint_and_refuses_inconsistent_ones():
+    state = RunState(epoch=1, metrics=[{"epoch": 1}], losses=[2.3, 2.2], steps_per_epoch=[2], elapsed=1.5,
+                     measures=[(0, "weights", "fc1", "norm", 1.0), (2, "weights", "fc1", "norm", 1.1)])
+    assert RunState.from_checkpoint(state.to_checkpoint(), epochs=3) == state
+    older = {k: v for k, v in state.to_checkpoint().items() if k not in ("measures", "measure_seconds")}
+    assert RunState.from_checkpoint({**older, "from_a_newer_bnexp": 1}, epochs=3).measures == []
+    with pytest.raises(ValueError, match="inconsistent"):
+        RunState.from_checkpoint({**state.to_checkpoint(), "losses": [2.3]}, epochs=3)
+    with pytest.raises(ValueError, match="inconsistent"):
+        RunState.from_checkpoint(state.to_checkpoint(), epochs=0)
+    cut = RunState(epoch=2, metrics=[{"epoch": 1}, {"epoch": 2}], losses=[3, 2, 1, 0], steps_per_epoch=[2, 2],
+                   measures=state.measures + [(4, "weights", "fc1", "norm", 1.2)]).as_of(1)
+    assert (cut.epoch, cut.losses, cut.steps_per_epoch, len(cut.measures)) == (1, [3, 2], [2], 2)

@@ -191,10 +191,10 @@ import bnexp.train as T
 when, epoch = sys.argv.pop(1), int(sys.argv.pop(1))
 orig = T._checkpoint
 def checkpoint(rd, s, cfg, state):
-    if state["epoch"] == epoch and when == "before":
+    if state.epoch == epoch and when == "before":
         os._exit(9)
     orig(rd, s, cfg, state)
-    if state["epoch"] == epoch and when == "after":
+    if state.epoch == epoch and when == "after":
         os._exit(9)
 T._checkpoint = checkpoint
 from bnexp.cli import main

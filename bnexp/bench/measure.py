@@ -23,6 +23,7 @@ import torch
 from . import time_samples
 from .. import config, measure, train
 from ..tblog import TensorBoardLog
+from ..tracking import RunState
 
 TARGET = 1.25  # issue 15: all instruments together add at most 25% to a LeNet5 epoch on CPU
 
@@ -57,7 +58,7 @@ def run(device: str = "cpu", repeats: int = 3, instrument_repeats: int = 10, dat
     # an epoch with every instrument (step 0 too, as a run's first epoch) against one without
     with tempfile.TemporaryDirectory() as tmp:
         tb = TensorBoardLog(Path(tmp), purge_step=None)
-        state = {"measures": [], "measure_seconds": 0.0}  # what measure_at records into
+        state = RunState()  # what measure_at records into
 
         on_epochs, off_epochs = itertools.count(1), itertools.count(1)
 

@@ -17,6 +17,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -176,109 +177,150 @@ def run_jobs(jobs: list[tuple[Callable, tuple]]) -> list:
     return [fn(*args) for fn, args in jobs]
 
 
+@dataclass
+class Tables:
+    """What the figures are drawn from: the report's tables, each reduced once for all figures."""
+    groups: pd.DataFrame        # one row per run group
+    keys: list[str]             # the defining config keys
+    other: list[str]            # the keys that vary between contexts besides lr, batch size, epochs
+    prefer: set[str]            # groups that match an exact reference: their contexts come first
+    num_classes: dict
+    out_dir: Path
+    agg: pd.DataFrame           # the runs that belong to a group
+    steps: pd.DataFrame         # binned step losses per group (binned_steps)
+    steps_per_epoch: dict
+    epochs: pd.DataFrame        # per-epoch seed statistics per group (epoch_stats)
+    means: pd.DataFrame         # measures.csv seed means per group (measures.seed_means)
+
+    def only(self, df: pd.DataFrame, ctx: pd.DataFrame) -> pd.DataFrame:
+        """The rows of `df` that belong to the context's groups."""
+        return df[df["group"].isin(ctx["group"])]
+
+    def contexts(self, drop: tuple[str, ...]) -> list[pd.DataFrame]:
+        return contexts(self.groups, self.keys, drop, self.prefer)
+
+
+@dataclass
+class Job:
+    """One figure to draw: `draw(*args)` writes it and returns its path (None: nothing to draw)."""
+    kind: str
+    caption: str
+    draw: Callable
+    args: tuple
+    data: str                   # the context's data set
+    groups: tuple[str, ...]     # the run groups it draws
+
+
 def draw_all(groups: pd.DataFrame, runs_tab: pd.DataFrame, epochs: pd.DataFrame, steps: pd.DataFrame,
              keys: list[str], other: list[str], num_classes: dict, out_dir: Path,
              prefer: set[str], measures: pd.DataFrame | None = None) -> tuple[list[FigureInfo], dict[str, int]]:
     """Every figure the runs allow (capped per kind, best contexts first) and the count left out."""
+    t = tables(groups, runs_tab, epochs, steps, keys, other, num_classes, out_dir, prefer, measures)
+    jobs: list[Job] = []
+    skipped: dict[str, int] = {}
+    for kind, found, make in figure_kinds(t):
+        skipped[kind] = max(0, len(found) - MAX_FIGURES[kind])
+        jobs += [job(kind, item, make(t, i, item)) for i, item in enumerate(found[:MAX_FIGURES[kind]], 1)]
+    paths = run_jobs([(j.draw, j.args) for j in jobs])
+    return [FigureInfo(j.kind, p, j.caption, j.data, j.groups) for j, p in zip(jobs, paths) if p], skipped
+
+
+def tables(groups, runs_tab, epochs, steps, keys, other, num_classes, out_dir, prefer, measures) -> Tables:
     agg = runs_tab[runs_tab["group"] != ""]
     run_group = agg.set_index("run_id")["group"]
-    means = M.seed_means(M.empty() if measures is None else measures, run_group)
     steps_b, spe = binned_steps(steps, run_group)
-    ep = epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc"))
-    jobs: list[tuple[str, str, Callable, tuple]] = []      # (kind, caption, function, arguments)
-    data_of: list[str] = []
-    groups_of: list[tuple[str, ...]] = []
-    skipped: dict[str, int] = {}
+    return Tables(groups, keys, other, prefer, num_classes, out_dir, agg, steps_b, spe,
+                  epoch_stats(epochs, run_group, ("train_loss", "train_acc", "test_acc")),
+                  M.seed_means(M.empty() if measures is None else measures, run_group))
 
-    def add(kind: str, found: list, make) -> None:
-        skipped[kind] = max(0, len(found) - MAX_FIGURES[kind])
-        for i, item in enumerate(found[:MAX_FIGURES[kind]], 1):
-            jobs.append((kind, *make(i, item)))
-            ctx = item[0] if isinstance(item, tuple) else item
-            data_of.append(str(ctx["data.name"].iloc[0]))
-            shown = item[1] if isinstance(item, tuple) else []   # activation runs / ioffe arms drawn
-            groups_of.append(tuple(dict.fromkeys(
-                [a[0]["group"] if isinstance(a, tuple) else a["group"] for a in shown] or list(ctx["group"]))))
 
-    def only(df: pd.DataFrame, ctx: pd.DataFrame) -> pd.DataFrame:
-        return df[df["group"].isin(ctx["group"])]
+def figure_kinds(t: Tables) -> list[tuple[str, list, Callable]]:
+    """(kind, the contexts (or (context, what it shows)) it can be drawn for, best first, the function
+    that makes figure i of one), in the report's order."""
+    by_lr, by_bs, every = t.contexts(("lr",)), t.contexts(("batch_size",)), t.contexts(())
+    with_acts = [(c, pick_activation_runs(c, t.agg)) for c in every]
+    with_evals = [(c, ioffe_arms(c, t.agg, t.steps_per_epoch)) for c in every]
+    kinds = [
+        ("loss", by_lr, loss_figure),
+        ("lr", [c for c in by_lr if c["lr"].nunique() >= 2],
+         partial(sweep_figure, kind="lr", x_key="lr", xlabel="learning rate", base=10, number=2)),
+        ("batch", [c for c in by_bs if c["batch_size"].nunique() >= 2],
+         partial(sweep_figure, kind="batch", x_key="batch_size", xlabel="batch size", base=2, number=3)),
+        ("activations", sorted([(c, p) for c, p in with_acts if p], key=lambda cp: -len(cp[1])), activations_figure),
+        # the generalisation claim is about AlexNet / CIFAR-100: those contexts first
+        ("generalization", sorted(by_lr, key=lambda c: not c["model.name"].astype(str).str.startswith("alexnet").any()),
+         generalization_figure),
+        ("ioffe", [(c, a) for c, a in with_evals if a], ioffe_figure),
+    ]
+    if len(t.means):
+        kinds += [(kind, measured(t.contexts(spec[2]), t.means, kind), partial(measure_figure, kind=kind))
+                  for kind, spec in MEASURE_FIGURES.items()]
+    return kinds
 
-    by_lr = contexts(groups, keys, ("lr",), prefer)
 
-    def loss(i, ctx):
-        title = context_label(ctx.iloc[0], ("lr",), other)
-        return (f"Figure 1.{i}: training loss vs iteration (line: seed mean of binned step losses, or each seed "
-                f"where seeds ended differently; dots: epoch means, bars: range over seeds), one panel per learning "
-                f"rate; {title}.", fig_loss,
-                (ctx, only(steps_b, ctx), spe, only(ep, ctx), num_classes, f"Training loss, BN vs no BN: {title}",
-                 out_dir / fig_name(f"fig1_loss_{i}", ctx.iloc[0], title)))
+def job(kind: str, item, made: tuple[str, Callable, tuple]) -> Job:
+    """The Job of figure `made` = (caption, draw, args) for `item`: a context, or (context, what it shows)."""
+    ctx, shown = item if isinstance(item, tuple) else (item, [])  # activation runs, ioffe arms, measured groups
+    drawn = [a[0]["group"] if isinstance(a, tuple) else a["group"] for a in shown] or list(ctx["group"])
+    return Job(kind, *made, str(ctx["data.name"].iloc[0]), tuple(dict.fromkeys(drawn)))
 
-    def sweep(kind, x_key, xlabel, base, number):
-        def make(i, ctx):
-            title = context_label(ctx.iloc[0], (x_key,), other)
-            return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
-                    f"filled markers with bars: mean ± std over seeds; small hollow markers just right of them: "
-                    f"each seed, shaped by its outcome label ({SEED_SHAPES}); "
-                    f"crosses at the top: diverged seeds; {title}.", fig_sweep,
-                    (ctx, agg[agg["group"].isin(ctx["group"])], x_key, xlabel, base, num_classes,
-                     f"{xlabel.capitalize()} sweep: {title}",
-                     out_dir / fig_name(f"fig{number}_{kind}_{i}", ctx.iloc[0], title)))
-        return make
 
-    def act(i, pair):
-        ctx, picked = pair
-        title = context_label(ctx.iloc[0], (), other)
-        return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
-                f"epoch 0 = the probe at initialisation, before training (filled; the earliest probed epoch where a "
-                f"run has no epoch-0 probe, as the legend says) vs the last probed epoch (line), dashed N(0,1) "
-                f"density; {title}.", activation_figure,
-                (picked, f"Activation distributions vs N(0,1): {title}",
-                 out_dir / fig_name(f"fig4_activations_{i}", ctx.iloc[0], title)))
+def titled(t: Tables, ctx: pd.DataFrame, drop: tuple[str, ...], prefix: str,
+           other: list[str] | None = None) -> tuple[str, Path]:
+    """A figure's context label (without the keys it spans) and the file it is drawn into."""
+    title = context_label(ctx.iloc[0], drop, t.other if other is None else other)
+    return title, t.out_dir / fig_name(prefix, ctx.iloc[0], title)
 
-    def gen(i, ctx):
-        title = context_label(ctx.iloc[0], ("lr",), other)
-        return (f"Figure 5.{i}: train (solid) vs test (dashed) accuracy per epoch, mean over seeds, one panel "
-                f"per learning rate; {title}.", fig_generalization,
-                (ctx, only(ep, ctx), num_classes, f"Train vs test accuracy: {title}",
-                 out_dir / fig_name(f"fig5_generalization_{i}", ctx.iloc[0], title)))
 
-    add("loss", by_lr, loss)
-    add("lr", [c for c in by_lr if c["lr"].nunique() >= 2], sweep("lr", "lr", "learning rate", 10, 2))
-    by_bs = contexts(groups, keys, ("batch_size",), prefer)
-    add("batch", [c for c in by_bs if c["batch_size"].nunique() >= 2], sweep("batch", "batch_size", "batch size", 2, 3))
-    with_acts = [(c, pick_activation_runs(c, agg)) for c in contexts(groups, keys, (), prefer)]
-    add("activations", sorted([(c, p) for c, p in with_acts if p], key=lambda cp: -len(cp[1])), act)
-    # the generalisation claim is about AlexNet / CIFAR-100: those contexts first
-    add("generalization", sorted(by_lr, key=lambda c: not c["model.name"].astype(str).str.startswith("alexnet").any()),
-        gen)
+def loss_figure(t: Tables, i: int, ctx: pd.DataFrame) -> tuple[str, Callable, tuple]:
+    title, path = titled(t, ctx, ("lr",), f"fig1_loss_{i}")
+    return (f"Figure 1.{i}: training loss vs iteration (line: seed mean of binned step losses, or each seed "
+            f"where seeds ended differently; dots: epoch means, bars: range over seeds), one panel per learning "
+            f"rate; {title}.", fig_loss,
+            (ctx, t.only(t.steps, ctx), t.steps_per_epoch, t.only(t.epochs, ctx), t.num_classes,
+             f"Training loss, BN vs no BN: {title}", path))
 
-    def ioffe(i, pair):
-        ctx, arms = pair
-        title = context_label(ctx.iloc[0], (), other)
-        return (f"Figure 6.{i}: Ioffe & Szegedy 2015, Figure 1 — (a) test accuracy against training steps (every "
-                f"eval_every steps, mean over seeds), then for each arm the 15th, 50th (thick) and 85th percentiles of "
-                f"the last hidden layer's sigmoid input over training (all its units on the probe batch; the paper "
-                f"follows one unit); {title}.", fig_ioffe,
-                (arms, f"Ioffe & Szegedy Figure 1: {title}",
-                 out_dir / fig_name(f"fig6_ioffe_{i}", ctx.iloc[0], title)))
 
-    with_evals = [(c, ioffe_arms(c, agg, spe)) for c in contexts(groups, keys, (), prefer)]
-    add("ioffe", [(c, a) for c, a in with_evals if a], ioffe)
+def sweep_figure(t: Tables, i: int, ctx: pd.DataFrame, kind: str, x_key: str, xlabel: str, base: int,
+                 number: int) -> tuple[str, Callable, tuple]:
+    title, path = titled(t, ctx, (x_key,), f"fig{number}_{kind}_{i}")
+    return (f"Figure {number}.{i}: final training loss and test accuracy vs {xlabel} (log scale), "
+            f"filled markers with bars: mean ± std over seeds; small hollow markers just right of them: "
+            f"each seed, shaped by its outcome label ({SEED_SHAPES}); "
+            f"crosses at the top: diverged seeds; {title}.", fig_sweep,
+            (ctx, t.only(t.agg, ctx), x_key, xlabel, base, t.num_classes, f"{xlabel.capitalize()} sweep: {title}", path))
 
-    def measure(kind: str):
-        number, name, drop, _, draw, text = MEASURE_FIGURES[kind]
 
-        def make(i, pair):
-            ctx, shown = pair
-            title = context_label(ctx.iloc[0], drop, [k for k in other if k not in drop])
-            return (f"Figure {number}.{i}: {text}; against the training step (measure_every); {title}.", draw,
-                    (pd.DataFrame(shown), means, f"{TITLES[kind]}: {title}",
-                     out_dir / fig_name(f"fig{number}_{name}_{i}", ctx.iloc[0], title)))
-        return make
+def activations_figure(t: Tables, i: int, pair: tuple) -> tuple[str, Callable, tuple]:
+    ctx, picked = pair
+    title, path = titled(t, ctx, (), f"fig4_activations_{i}")
+    return (f"Figure 4.{i}: distribution of each norm position's output (BN) or pre-activation (no BN), "
+            f"epoch 0 = the probe at initialisation, before training (filled; the earliest probed epoch where a "
+            f"run has no epoch-0 probe, as the legend says) vs the last probed epoch (line), dashed N(0,1) "
+            f"density; {title}.", activation_figure,
+            (picked, f"Activation distributions vs N(0,1): {title}", path))
 
-    for kind, (_, _, drop, _, _, _) in MEASURE_FIGURES.items() if len(means) else ():
-        add(kind, measured(contexts(groups, keys, drop, prefer), means, kind), measure(kind))
-    paths = run_jobs([(fn, args) for _, _, fn, args in jobs])
-    figs = [FigureInfo(kind, p, caption, data, g)
-            for (kind, caption, _, _), p, data, g in zip(jobs, paths, data_of, groups_of) if p]
-    return figs, skipped
+
+def generalization_figure(t: Tables, i: int, ctx: pd.DataFrame) -> tuple[str, Callable, tuple]:
+    title, path = titled(t, ctx, ("lr",), f"fig5_generalization_{i}")
+    return (f"Figure 5.{i}: train (solid) vs test (dashed) accuracy per epoch, mean over seeds, one panel "
+            f"per learning rate; {title}.", fig_generalization,
+            (ctx, t.only(t.epochs, ctx), t.num_classes, f"Train vs test accuracy: {title}", path))
+
+
+def ioffe_figure(t: Tables, i: int, pair: tuple) -> tuple[str, Callable, tuple]:
+    ctx, arms = pair
+    title, path = titled(t, ctx, (), f"fig6_ioffe_{i}")
+    return (f"Figure 6.{i}: Ioffe & Szegedy 2015, Figure 1 — (a) test accuracy against training steps (every "
+            f"eval_every steps, mean over seeds), then for each arm the 15th, 50th (thick) and 85th percentiles of "
+            f"the last hidden layer's sigmoid input over training (all its units on the probe batch; the paper "
+            f"follows one unit); {title}.", fig_ioffe,
+            (arms, f"Ioffe & Szegedy Figure 1: {title}", path))
+
+
+def measure_figure(t: Tables, i: int, pair: tuple, kind: str) -> tuple[str, Callable, tuple]:
+    number, name, drop, _, draw, text = MEASURE_FIGURES[kind]
+    ctx, shown = pair
+    title, path = titled(t, ctx, drop, f"fig{number}_{name}_{i}", [k for k in t.other if k not in drop])
+    return (f"Figure {number}.{i}: {text}; against the training step (measure_every); {title}.", draw,
+            (pd.DataFrame(shown), t.means, f"{TITLES[kind]}: {title}", path))
