@@ -45,10 +45,12 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
     median with probability 1 - 2 P(B <= c). Too few values for that: (min, max)."""
     xs = sorted(values)
     n = len(xs)
-    c, tail = 0, 0.5 ** n  # tail = P(B <= c)
-    while 2 * (c + 1) < n and tail + math.comb(n, c + 1) * 0.5 ** n <= (1 - confidence) / 2:
+    # comb(n, k) / 2 ** n in exact integers: 0.5 ** n is 0.0 past n = 1074, and comb(n, k) * 0.0
+    # overflows converting comb to a float
+    c, tail = 0, 1 / 2 ** n  # tail = P(B <= c)
+    while 2 * (c + 1) < n and tail + math.comb(n, c + 1) / 2 ** n <= (1 - confidence) / 2:
         c += 1
-        tail += math.comb(n, c) * 0.5 ** n
+        tail += math.comb(n, c) / 2 ** n
     return xs[c], xs[n - 1 - c]
 
 
