@@ -5,7 +5,6 @@ Every user mistake (BnexpError, a bad option) becomes one line on stderr and exi
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
@@ -14,16 +13,22 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 from typer.exceptions import TyperException
 
 from . import __version__
+from .bench.suite import BENCHMARKS, DEFAULT as DEFAULT_BENCH
+from . import layout
 from .errors import BnexpError
+from .execution import PRECISIONS
+from .launch import LAUNCHERS
+from .nn.kinds import BACKENDS as BN_BACKENDS
 
 STARTED = time.perf_counter()  # when this module was imported: the fallback of `elapsed`
 
 
 def _config_keys_help() -> str:
-    """Every config key with its default and comment, from the config files themselves (config.key_docs),
+    """Every config key with the default of the composed config and its comment (config.key_docs),
     and the limits that bad input is checked against."""
     from .config import BN_NEEDS_TWO, LIMITS, group_options, key_docs
     from .nn.kinds import BATCH_STAT_KINDS
@@ -36,6 +41,19 @@ def _config_keys_help() -> str:
                       "Limits (bad input stops before any work, exit code 2):", "  " + limits,
                       f"  with batch statistics (norm={'|'.join(BATCH_STAT_KINDS)}): {', '.join(BN_NEEDS_TWO)} >= 2; "
                       "data_dir must exist"])
+
+
+class KeysInEpilog(TyperCommand):
+    """A command whose help ends with the config keys; composed only when the help is shown, so the
+    commands themselves never pay for it."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        base = self.epilog
+        self.epilog = (base or "") + _config_keys_help()
+        try:
+            super().format_epilog(ctx, formatter)
+        finally:
+            self.epilog = base
 
 
 app = typer.Typer(
@@ -77,7 +95,7 @@ Examples:
 """
 
 
-@app.command(epilog=TRAIN_EPILOG + _config_keys_help())
+@app.command(cls=KeysInEpilog, epilog=TRAIN_EPILOG)
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Hydra overrides on conf/config.yaml (see below)."),
@@ -91,30 +109,15 @@ def train(
     config.use_config_dir(config_dir)
     args = with_bn(list(overrides or []), bn.value if bn else None)
     cfg = config.compose(args)  # bad input is answered here, before torch is imported
-    from .tracking import check_writable, finished_run
+    from .launch import train_one
+    from .tracking import check_writable
 
     check_writable(Path(cfg.results_dir))
-    if not force and (done := finished_run(Path(cfg.results_dir), config.run_id(cfg))) is not None:
-        typer.echo(summary_line(done))  # a finished run is answered without importing torch
-        return
-    from . import train as T
-
-    try:
-        result = T.run(cfg, force=force)
-    except BnexpError:
-        raise
-    except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
-        typer.echo(f"failed {config.run_id(cfg)}: {crash_line(e)}", err=True)
-        raise typer.Exit(1)
-    typer.echo(summary_line(result))
-    if result.status in ("failed", "busy"):
-        raise typer.Exit(1)
+    if code := train_one(cfg, force=force, echo=typer.echo):
+        raise typer.Exit(code)
 
 
-class Launcher(str, Enum):
-    local = "local"
-    joblib = "joblib"
-    submitit = "submitit"
+Launcher = Enum("Launcher", {name: name for name in LAUNCHERS}, type=str)  # launch.py's launchers
 
 
 SWEEP_EPILOG = """\b
@@ -136,7 +139,7 @@ another process, 2 for bad input.
 """
 
 
-@app.command(epilog=SWEEP_EPILOG + _config_keys_help())
+@app.command(cls=KeysInEpilog, epilog=SWEEP_EPILOG)
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE[,VALUE]]...",
                                                     help="Hydra overrides and sweeps on conf/config.yaml."),
@@ -146,7 +149,7 @@ def sweep(
     bn: Optional[str] = typer.Option(None, "--bn", help="Shortcut for bn=on|off|on,off (replaces the preset's bn)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once (default: 1 for local, "
                                        "the CPU cores for joblib, all for submitit)."),
-    launcher: Launcher = typer.Option(Launcher.local, "--launcher", help="local processes | joblib (loky) | "
+    launcher: Launcher = typer.Option(Launcher(LAUNCHERS[0]), "--launcher", help="local processes | joblib (loky) | "
                                       "submitit (SLURM if present, else local processes)."),
     launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", metavar="KEY=VALUE",
                                                      help="Launcher parameter, repeatable: submitit's "
@@ -173,7 +176,7 @@ def sweep(
         raise BnexpError(f"--bn must be on, off or on,off, got {bn!r}")
     overrides = with_bn(list(overrides or []), bn.replace(" ", "").lower() if bn else None)  # a list from here
     options = L.parse_options(launcher_opt)
-    parallel = (jobs or 1) > 1 or launcher != Launcher.local
+    parallel = (jobs or 1) > 1 or launcher.value != LAUNCHERS[0]
     if dry_run:  # a grid above the maximum is counted and previewed, never expanded
         p, grids = S.preset_grid(overrides, preset)
         if sum(g.size for g in grids) > max_runs:
@@ -191,12 +194,12 @@ def sweep(
         typer.echo(note, err=True)
 
     def progress(r, done, total):
-        typer.echo(f"[{done}/{total}] {summary_line(r)}" if done else f"[wait] {summary_line(r)}")
+        typer.echo(f"[{done}/{total}] {L.summary_line(r)}" if done else f"[wait] {L.summary_line(r)}")
 
     result = S.run_sweep(plan, jobs=jobs, launcher=launcher.value, options=options, on_result=progress,
                          wait=wait, on_wait=lambda line: typer.echo(f"[wait] {line}"))
     typer.echo(S.format_summary(result, elapsed()))
-    if result.counts["failed"] or result.counts["busy"]:
+    if result.counts[layout.FAILED] or result.counts[layout.BUSY]:
         raise typer.Exit(1)
 
 
@@ -213,20 +216,6 @@ def elapsed() -> float:
         return time.perf_counter() - STARTED
 
 
-def crash_line(e: Exception) -> str:
-    """What a crashed run's one line says after `failed <run_id>: `; names a full disk as such, and
-    error.log only when this attempt wrote it."""
-    from .tracking import disk_full
-
-    log = getattr(e, "error_log", None)
-    where = f"; traceback in {log}" if log else ""
-    if disk_full(e):
-        what = "disk full (ENOSPC)" if e.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
-        return (f"{what} writing {e.filename or 'the run directory'}: {e.strerror}; free space there and rerun "
-                f"the same command to resume from the last finished epoch{where}")
-    return f"{type(e).__name__}: {e}{where}"
-
-
 def with_bn(overrides: list[str], bn: str | None) -> list[str]:
     """The --bn shortcut as the override bn=...; the same key given differently is a contradiction."""
     if bn is None:
@@ -235,24 +224,6 @@ def with_bn(overrides: list[str], bn: str | None) -> list[str]:
     if given and given[-1].partition("=")[2].strip().lower() != bn.lower():
         raise BnexpError(f"--bn {bn} conflicts with {given[-1]}; give one of them")
     return overrides + [f"bn={bn}"]
-
-
-def summary_line(r) -> str:
-    """One line per run: status, final metrics, time, where it lives."""
-    f = r.final or {}
-    metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
-    extra = ""
-    if r.status == "diverged" and r.extra.get("diverged_at"):
-        d = r.extra["diverged_at"]
-        extra = f" (non-finite loss at epoch {d['epoch']}, step {d['step']})"
-    elif r.status == "skipped":
-        extra = f" ({r.message}; --force retrains)"
-    elif r.status in ("busy", "failed") and r.message:
-        extra = f" ({r.message})"
-    elif r.extra.get("resumed_from"):
-        extra = f" (resumed after epoch {r.extra['resumed_from']})"
-    time = f" {r.seconds:.1f}s" if r.seconds else ""
-    return f"{r.status} {r.run_id}: {metrics}{time}{extra} -> {r.path}".replace(":  ", ": ")
 
 
 class ReportFormat(str, Enum):
@@ -279,66 +250,31 @@ def report(
     typer.echo(result.summary)
 
 
-class BenchName(str, Enum):
-    bn = "bn"
-    epoch = "epoch"
-    sweep = "sweep"
-    report = "report"
-    log = "log"
-    measure = "measure"
-    cli = "cli"
+BenchName = Enum("BenchName", {name: name for name in BENCHMARKS}, type=str)  # bench.suite's benchmarks
 
 
 @app.command(epilog="\b\nExamples:\n  bnexp bench bn\n  bnexp bench epoch --device cuda\n"
                     "  bnexp bench bn --device cuda --backends triton,compiled --channels-last\n"
                     "  bnexp bench epoch --device cuda --precision bf16\n  bnexp bench log\n  bnexp bench measure\n  bnexp bench cli")
 def bench(
-    which: Optional[List[BenchName]] = typer.Argument(None, help="Benchmarks to run (default: bn epoch; log = TensorBoard logging; measure = the instruments' cost; "
-                                                      "cli = answer time of commands that train nothing)."),
+    which: Optional[List[BenchName]] = typer.Argument(None, help=f"Benchmarks to run (default: {' '.join(DEFAULT_BENCH)}; "
+                                                      + "; ".join(f"{k} = {v}" for k, v in BENCHMARKS.items()) + ")."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (default: auto)."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where JSON results go (default: results/bench)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="bn: bnexp BN backends to time side by side, "
-                                           "comma-separated (auto, compiled, eager, triton; default: what auto picks)."),
+                                           f"comma-separated ({', '.join(BN_BACKENDS)}; default: what auto picks)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="bn, epoch: NHWC tensors and model."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="bn: norm kinds to time against their PyTorch "
                                         "counterparts, comma-separated (e.g. gn,ln,in,brn,ghost,noisy; default: bn)."),
-    precision: str = typer.Option("fp32", "--precision", help="epoch: fp32 | bf16 for bnexp's pipeline."),
+    precision: str = typer.Option(next(iter(PRECISIONS)), "--precision",
+                                  help=f"epoch: {' | '.join(PRECISIONS)} for bnexp's pipeline."),
 ):
     """Time bnexp against plain PyTorch in the same process: each ratio as min / median / max over
     interleaved pairs, marked UNSETTLED when another invocation may differ by more than ±10%."""
-    import importlib
-    import json
+    from .bench import suite
 
-    from .bench.stats import against_previous, read_previous
-    from .nn.functional import BACKENDS
-    from .train import resolve_device
-
-    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
-    for b in names or []:
-        if b not in BACKENDS:
-            raise BnexpError(f"--backends: unknown batch-norm backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if precision not in ("fp32", "bf16"):
-        raise BnexpError(f"--precision must be fp32 or bf16, got {precision!r}")
-    dev = str(resolve_device(device))
-    if "triton" in (names or []) and not dev.startswith("cuda"):
-        raise BnexpError("--backends triton needs --device cuda: on CPU the Triton kernels run in Triton's "
-                         "interpreter (for tests), far too slow to time")
-    out.mkdir(parents=True, exist_ok=True)
-    kind_names = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
-    from .nn.kinds import NORM_KINDS
-    if set(kind_names or []) - set(NORM_KINDS):
-        raise BnexpError(f"--kinds: unknown norm kind in {kinds!r}; choose from {', '.join(NORM_KINDS)}")
-    options = {"bn": {"backends": names, "channels_last": channels_last, "kinds": kind_names},
-               "epoch": {"precision": precision, "channels_last": channels_last}}
-    for name in which or [BenchName.bn, BenchName.epoch]:
-        mod = importlib.import_module(f"bnexp.bench.{name.value}")
-        result = mod.run(device=dev, **options.get(name.value, {}))
-        typer.echo(mod.format_table(result))
-        path = out / f"{name.value}-{dev.replace(':', '')}.json"
-        for line in against_previous(read_previous(path), result):  # the same benchmark, last time
-            typer.echo(line)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(f"wrote {path}")
+    suite.run([w.value for w in which or []], device, out, echo=typer.echo, backends=backends,
+              channels_last=channels_last, kinds=kinds, precision=precision)
 
 
 def main(argv: list[str] | None = None) -> int:

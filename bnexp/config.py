@@ -20,14 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import measures_format as MF
+from . import model_knobs as MK
 from .errors import BnexpError
-from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
+from .execution import CUDA_GRAPHS, PRECISIONS  # torch-free
+from .nn.kinds import BACKENDS, BATCH_STAT_KINDS, KIND_KWARGS, NORM_KINDS  # torch-free
 
 CONF_DIR = Path(__file__).parent / "conf"
 # A user's own config folder (`--config-dir DIR` sets it for the command and the processes it starts):
 # DIR/experiment/*.yaml presets and DIR/<group>/*.yaml options, added to Hydra's search path.
 CONFIG_DIR_ENV = "BNEXP_CONFIG_DIR"
-GROUPS = ("model", "data", "norm", "optim")  # conf/config.yaml's defaults list (a test pins them equal)
+GROUPS = tuple(re.findall(r"^\s+-\s+(\w+):", (CONF_DIR / "config.yaml").read_text(), re.M))  # its defaults list
 PRESET_GROUP = "experiment"
 
 # Override keys users may type that are spelled differently in the config tree.
@@ -47,8 +49,6 @@ NON_IDENTITY_KEYS = ("device", "data_dir", "results_dir", "progress", "channels_
 HASH_DEFAULTS = {"precision": "fp32", "eval_every": 0, "precise_bn": 0, "lr_scale_batch": None, "model.activation": "relu", "model.pool": "max",
                  "model.norm_position": "before", "model.init": "default"}
 
-# bnexp.nn.functional.BACKENDS, restated so that composing a config does not import torch (a test pins them equal).
-BN_BACKENDS = ("auto", "compiled", "eager", "triton")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 INSTRUMENTS = MF.INSTRUMENTS  # bnexp.measures_format is torch-free: composing a config stays instant
@@ -83,6 +83,29 @@ def _non_negative_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def one_of(choices) -> str:
+    """Choices as a message lists them: 'a, b or c'."""
+    *rest, last = [str(c) for c in choices]
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def declared(group: str, key: str = "name") -> tuple[str, ...]:
+    """The `key` values the shipped options of a config group declare (conf/<group>/*.yaml, one line
+    `key: value` each): the networks, data sets and optimisers bnexp has code for (a test pins them
+    to the registries). A user's option may choose among them, not add one."""
+    pattern = re.compile(rf"^{key}:\s*(\w+)", re.M)
+    return tuple(sorted({m.group(1) for p in (CONF_DIR / group).glob("*.yaml") if (m := pattern.search(p.read_text()))}))
+
+
+MODEL_NAMES, DATA_NAMES, OPTIM_NAMES = declared("model"), declared("data"), declared("optim")
+# The keys whose values are a fixed set, each from its owner; `--help` lists them with the key.
+CHOICES: dict[str, tuple] = {
+    "precision": tuple(PRECISIONS), "cuda_graphs": CUDA_GRAPHS, "model.name": MODEL_NAMES,
+    "model.activation": tuple(MK.ACTIVATIONS), "model.pool": (*MK.POOLS, None), "model.norm_position": MK.NORM_POSITIONS,
+    "model.init": MK.INITS, "data.name": DATA_NAMES, "norm.kind": NORM_KINDS, "norm.backend": BACKENDS,
+    "optim.name": OPTIM_NAMES,
+}
+
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bn": (lambda v: v is None or v in ("on", "off"), "on or off"),
     "lr": (lambda v: _number(v) and v > 0, "a positive number"),
@@ -100,17 +123,17 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "precise_bn": (_non_negative_int, "a non-negative integer (training batches; 0 = off)"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
-    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "precision": (lambda v: v in PRECISIONS, one_of(PRECISIONS)),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
-    "cuda_graphs": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "cuda_graphs": (lambda v: v in CUDA_GRAPHS, one_of(CUDA_GRAPHS)),
     "threads": (lambda v: v == "auto" or _positive_int(v), "auto or a positive integer"),
-    "model.name": (lambda v: isinstance(v, str), "a model name"),
+    "model.name": (lambda v: v in MODEL_NAMES, one_of(MODEL_NAMES)),
     "model.dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "null or a number in [0, 1)"),
-    "model.activation": (lambda v: v in ("relu", "sigmoid", "tanh"), "relu, sigmoid or tanh"),
-    "model.pool": (lambda v: v in ("max", "avg", None), "max, avg or null (networks without pooling)"),
-    "model.norm_position": (lambda v: v in ("before", "after"), "before or after (the nonlinearity)"),
-    "model.init": (lambda v: v in ("default", "xavier", "gaussian"), "default, xavier or gaussian"),
-    "data.name": (lambda v: isinstance(v, str), "a data set name"),
+    "model.activation": (lambda v: v in MK.ACTIVATIONS, one_of(MK.ACTIVATIONS)),
+    "model.pool": (lambda v: v is None or v in MK.POOLS, f"{', '.join(MK.POOLS)} or null (networks without pooling)"),
+    "model.norm_position": (lambda v: v in MK.NORM_POSITIONS, f"{one_of(MK.NORM_POSITIONS)} (the nonlinearity)"),
+    "model.init": (lambda v: v in MK.INITS, one_of(MK.INITS)),
+    "data.name": (lambda v: v in DATA_NAMES, one_of(DATA_NAMES)),
     "data.verify": (lambda v: isinstance(v, bool), "true or false"),
     "norm.kind": (lambda v: v in NORM_KINDS, ", ".join(NORM_KINDS)),
     "norm.eps": (lambda v: _number(v) and v > 0, "a positive number"),
@@ -124,8 +147,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.d_max_steps": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
     "norm.ghost_size": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
     "norm.noise": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
-    "norm.backend": (lambda v: v in BN_BACKENDS, " or ".join(BN_BACKENDS)),
-    "optim.name": (lambda v: v in ("sgd", "adam"), "sgd or adam"),
+    "norm.backend": (lambda v: v in BACKENDS, " or ".join(BACKENDS)),
+    "optim.name": (lambda v: v in OPTIM_NAMES, one_of(OPTIM_NAMES)),
     "optim.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.weight_decay": (lambda v: _number(v) and v >= 0, "a non-negative number"),
     "measure": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
@@ -134,6 +157,16 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "measure_steps": (lambda v: isinstance(v, list) and len(v) > 0 and all(_number(m) and m > 0 for m in v),
                       "a non-empty list of positive numbers (multiples of lr), e.g. [0.5,1,2,4]"),
 }
+
+
+def check_value(key: str, value, option: str | None = None) -> None:
+    """Refuse a value that config key `key` would refuse, in the same words (for a command-line
+    option that takes one, e.g. bench's --device: `option` names it)."""
+    ok, expected = _CHECKS[key]
+    if not ok(value):
+        raise BnexpError(f"{option or key} must be {expected}, got {value!r}")
+
+
 FLOAT_KEYS = ("lr", "model.dropout", "norm.eps", "norm.momentum", "optim.momentum", "optim.weight_decay",
               "norm.r_max", "norm.d_max", "norm.noise")
 BOOL_WORDS = {"on": True, "off": False, "true": True, "false": False}
@@ -150,6 +183,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def bn_word(value) -> str | None:
+    """`bn` as users and YAML spell it (on, off, true, False, ...) -> "on" / "off"; None for anything else."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return "on" if BOOL_WORDS[value.lower()] else "off"
+    return None
+
+
+def bn_of(norm_kind: str | None) -> str:
+    """The recorded `bn` of a config: on iff it has normalisation layers (norm.kind is not none)."""
+    return "off" if norm_kind == "none" else "on"
+
+
+def default_dropout(norm_kind: str) -> float:
+    """model.dropout null: the reference rule, dropout 0.5 without normalisation, none with it (BN regularises)."""
+    return 0.5 if norm_kind == "none" else 0.0
+
+
 def _set(d: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -159,11 +211,8 @@ def _set(d: dict, dotted: str, value) -> None:
 
 def _normalise_values(flat: dict[str, Any]) -> dict[str, Any]:
     """Accept the spellings users type: `bn=true`, `lr=1` (int for a float), `drop_last=on`."""
-    bn = flat.get("bn")
-    if isinstance(bn, bool):
-        flat["bn"] = "on" if bn else "off"
-    elif isinstance(bn, str) and bn.lower() in BOOL_WORDS:
-        flat["bn"] = "on" if BOOL_WORDS[bn.lower()] else "off"
+    if (bn := bn_word(flat.get("bn"))) is not None:
+        flat["bn"] = bn
     for key in FLOAT_KEYS:
         v = flat.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -231,9 +280,8 @@ def validate(raw: dict) -> dict:
     missing = sorted(set(_CHECKS) - set(flat))
     if missing:
         raise BnexpError(f"config key '{missing[0]}' is missing (did a config group file lose it?)")
-    for key, (ok, expected) in _CHECKS.items():
-        if not ok(flat[key]):
-            raise BnexpError(f"{key} must be {expected}, got {flat[key]!r}")
+    for key in _CHECKS:
+        check_value(key, flat[key])
     for key, (limit, why) in LIMITS.items():
         if flat[key] > limit:
             raise BnexpError(f"{key}={_text(flat[key])} is above the limit of {_text(limit)} ({why}); "
@@ -244,7 +292,7 @@ def validate(raw: dict) -> dict:
         flat["norm.kind"] = "none"
     elif flat["bn"] == "on" and flat["norm.kind"] == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
-    flat["bn"] = "off" if flat["norm.kind"] == "none" else "on"
+    flat["bn"] = bn_of(flat["norm.kind"])
     if flat["norm.kind"] == "torch" and flat["norm.biased_running_var"]:
         raise BnexpError("norm.biased_running_var=true needs norm=bn: torch.nn.BatchNorm has no such option")
     if flat["norm.kind"] in BATCH_STAT_KINDS:
@@ -267,15 +315,12 @@ _KEY_LINE = re.compile(r"^(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$")
 _ENV_DEFAULT = re.compile(r"^\$\{oc\.env:(\w+),([^}]*)\}$")
 
 
-def _doc_text(raw: str, comment: str) -> tuple[str, str]:
-    """A YAML value as a user types it in an override (null, true, 0.1), and its comment; a default
+def _doc_text(value, comment: str) -> tuple[str, str]:
+    """A config value as a user types it in an override (null, true, 0.1), and its comment; a default
     taken from an environment variable shows its fallback, the comment names the variable."""
-    import yaml
-
-    m = _ENV_DEFAULT.match(raw)
+    m = _ENV_DEFAULT.match(value) if isinstance(value, str) else None
     if m:
         return m.group(2), f"(${m.group(1)} if set) {comment}"
-    value = yaml.safe_load(raw) if raw else None
     return override_text(value), comment
 
 
@@ -287,27 +332,24 @@ def override_text(value) -> str:
 
 
 def key_docs() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
-    """((key, default, comment) for every config key, {group: default option}), read from the yaml
-    files of conf/ themselves (no Hydra: `--help` stays instant): the defaults a composed config has."""
-    groups, keys = {}, []
-    in_defaults = False
-    for line in (CONF_DIR / "config.yaml").read_text().splitlines():
-        if line.startswith("defaults:"):
-            in_defaults = True
-            continue
-        m = re.match(r"^\s+-\s+(\w+):\s*(\w+)", line)
-        if in_defaults and m:
-            groups[m.group(1)] = m.group(2)
-            continue
-        in_defaults = in_defaults and line.startswith(" ")
-        m = _KEY_LINE.match(line)
-        if m:
-            keys.append((m.group(1), *_doc_text(m.group(2), m.group(3) or "")))
-    for group, option in groups.items():
-        for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
-            m = _KEY_LINE.match(line)
-            if m:
-                keys.append((f"{group}.{m.group(1)}", *_doc_text(m.group(2), m.group(3) or "")))
+    """((key, default, comment) for every config key, {group: default option}): the defaults of the
+    composed config itself (`compose([])` before its values are resolved and checked: `bn` shows
+    null, a default read from an environment variable its fallback), each with the comment of the
+    yaml line that sets it. For `--help` (which composes; the other commands do not call this)."""
+    cfg = _hydra_compose([], hydra_node=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    groups = {g: choices[g] for g in GROUPS}
+    comments = {}
+    for prefix, path in [("", CONF_DIR / "config.yaml"), *((f"{g}.", CONF_DIR / g / f"{o}.yaml") for g, o in groups.items())]:
+        for line in path.read_text().splitlines():
+            if m := _KEY_LINE.match(line):
+                comments[prefix + m.group(1)] = m.group(3) or ""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra")
+    flat = flatten(container)
+    for key, choices in CHOICES.items():
+        comments[key] = " | ".join(map(override_text, choices)) + (f"; {comments[key]}" if comments.get(key) else "")
+    keys = [(k, *_doc_text(flat[k], comments.get(k, ""))) for k in sorted(flat, key=lambda k: "." in k)]
     return keys, groups
 
 
@@ -508,13 +550,13 @@ def check_bn_shortcut(overrides: list[str]) -> None:
         key, sep, value = o.lstrip("+~").partition("=")
         if sep and key in ("bn", "norm", "norm.kind"):
             given["norm" if key == "norm.kind" else key] = value.strip().strip("'\"").lower()
-    bn, norm = BOOL_WORDS.get(given.get("bn", ""), None), given.get("norm")
+    bn, norm = bn_word(given.get("bn")), given.get("norm")
     if bn is None or norm is None:
         return
-    if not bn and norm != "none":
+    if bn == "off" and norm != "none":
         raise BnexpError(f"bn=off conflicts with norm={norm}: bn=off means norm=none; give one of them "
                          f"(norm={norm} for that layer, or bn=off for none)")
-    if bn and norm == "none":
+    if bn == "on" and norm == "none":
         raise BnexpError("bn=on conflicts with norm=none; use bn=off, or norm=bn / norm=torch")
 
 
@@ -537,8 +579,8 @@ def check_keys(overrides: list[str]) -> None:
             raise BnexpError(f"unknown config key '{m.group(1)}'; see `bnexp train --help` for the keys")
 
 
-def _hydra_compose(overrides: list[str]) -> DictConfig:
-    """Hydra's own composition of conf/config.yaml (struct mode, the `hydra` node removed)."""
+def _hydra_compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """Hydra's own composition of conf/config.yaml (struct mode, the `hydra` node removed unless `hydra_node`)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -550,7 +592,7 @@ def _hydra_compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return hydra_compose(config_name="config", overrides=search + overrides)
+            return hydra_compose(config_name="config", overrides=search + overrides, return_hydra_config=hydra_node)
     except Exception as e:  # Hydra raises several types; all mean bad user input here
         raise _hydra_error(e) from None
     finally:

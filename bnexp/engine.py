@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .execution import PRECISIONS
 from .errors import BnexpError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 WARMUP_STEPS = 3  # eager steps before capture: optimiser state, compiled kernels, cuBLAS workspaces
 
 
@@ -77,7 +77,7 @@ def autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), cache_enabled=False)
 
 
 def model_input(xb: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:

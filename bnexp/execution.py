@@ -30,6 +30,11 @@ from .errors import BnexpError
 # torch is imported inside the functions that use it: the sweep's planning, its summary and a
 # skipped run need only cpu_cores / resolve_threads / mismatch, and should not pay torch's import.
 
+# The choices of the config keys precision and cuda_graphs (checked by config, applied by engine):
+# precision -> the autocast dtype (a torch dtype's name; None: no autocast).
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}
+CUDA_GRAPHS = ("auto", "on", "off")  # auto: capture the training step on CUDA devices
+
 # Settings compared on resume: everything in the record but the bookkeeping of when it was taken.
 COMPARED = ("device_type", "device_name", "threads", "bn_backend", "precision", "channels_last", "cuda_graphs",
             "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "cudnn_allow_tf32",
@@ -86,11 +91,11 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
     import torch
     import torch.nn.functional as F
 
-    from .nn import functional as bn_functional
+    from .nn import dispatch
 
     if not uses_bnexp_norms(model):
         return None
-    with bn_functional.use_backend(requested):
+    with dispatch.use_backend(requested):
         if requested in ("auto", "compiled", "triton"):
             twin = copy.deepcopy(model).train()
             devices = [example.device] if example.device.type == "cuda" else []
@@ -98,7 +103,7 @@ def pin_bn_backend(model: torch.nn.Module, requested: str, example: torch.Tensor
                 out = twin(example)
                 F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)).backward()
             del twin
-        return bn_functional.resolved_backend(example.device)
+        return dispatch.resolved_backend(example.device)
 
 
 def record(device: torch.device, threads: int, bn_backend: str | None, opts, use_graphs: bool) -> dict:
@@ -143,12 +148,12 @@ def applied(threads: int, bn_backend: str | None):
     """Run the block with `threads` intra-op threads and the pinned backend; restore both afterwards."""
     import torch
 
-    from .nn import functional as bn_functional
+    from .nn import dispatch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with (bn_functional.use_backend(bn_backend) if bn_backend else contextlib.nullcontext()):
+        with (dispatch.use_backend(bn_backend) if bn_backend else contextlib.nullcontext()):
             yield
     finally:
         torch.set_num_threads(previous)

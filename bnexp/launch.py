@@ -16,19 +16,24 @@ node may start elsewhere), and with several GPUs each worker process gets its ow
 (CUDA_VISIBLE_DEVICES, round-robin), set before CUDA starts there. The CPU thread count is not
 the launcher's business: each run sets its own from its config (execution.py), so a run's numbers
 do not depend on --jobs or on the launcher.
+
+A run's outcome is told in one line (`summary_line`; a crash's cause by `crash_line`), by
+`bnexp train` (`train_one`) and for each run of a sweep alike.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import config as C
+from . import layout
 from .errors import BnexpError
 
 LAUNCHERS = ("local", "joblib", "submitit")
@@ -100,7 +105,7 @@ def _failed(cfg, message: str):
     from .tracking import RunResult
 
     rid = C.run_id(cfg)
-    return RunResult(rid, Path(cfg.results_dir) / "runs" / rid, "failed", message=message)
+    return RunResult(rid, layout.run_path(cfg.results_dir, rid), layout.FAILED, message=message)
 
 
 def run_point(cfg):
@@ -115,7 +120,62 @@ def run_point(cfg):
 
         return train.run(cfg)
     except Exception as e:  # the run recorded the traceback in its error.log (if it got that far)
-        return _failed(cfg, str(e) if isinstance(e, BnexpError) else f"{type(e).__name__}: {e}")
+        return _failed(cfg, str(e) if isinstance(e, BnexpError) else crash_line(e))
+
+
+def train_one(cfg, force: bool = False, echo: Callable[..., object] = print) -> int:
+    """`bnexp train`: a finished run is answered from its run.json (without importing torch), else it
+    is trained here. One line either way (`echo(line)`, `echo(line, err=True)` for a crash); returns
+    the exit code: 1 if the run failed, crashed or is held by another process, else 0."""
+    from .tracking import finished_run
+
+    if not force and (done := finished_run(Path(cfg.results_dir), C.run_id(cfg))) is not None:
+        echo(summary_line(done))
+        return 0
+    from . import train
+
+    try:
+        result = train.run(cfg, force=force)
+    except BnexpError:
+        raise
+    except Exception as e:  # a crash, not bad input: run.json says failed, error.log holds the traceback
+        echo(f"failed {C.run_id(cfg)}: {crash_line(e)}", err=True)
+        return 1
+    echo(summary_line(result))
+    return 1 if result.status in (layout.FAILED, layout.BUSY) else 0
+
+
+def summary_line(r) -> str:
+    """One line per run (a RunResult): status, final metrics, time, where it lives."""
+    from .outcome import diverged_where
+
+    f = r.final or {}
+    metrics = " ".join(f"{k} {f[k]:.4f}" for k in ("train_loss", "train_acc", "test_acc") if f.get(k) is not None)
+    extra = ""
+    if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
+        extra = f" ({diverged_where(r.extra['diverged_at'])})"
+    elif r.status == layout.SKIPPED:
+        extra = f" ({r.message}; --force retrains)"
+    elif r.status in (layout.BUSY, layout.FAILED) and r.message:
+        extra = f" ({r.message})"
+    elif r.extra.get("resumed_from"):
+        extra = f" (resumed after epoch {r.extra['resumed_from']})"
+    time = f" {r.seconds:.1f}s" if r.seconds else ""
+    return f"{r.status} {r.run_id}: {metrics}{time}{extra} -> {r.path}".replace(":  ", ": ")
+
+
+def crash_line(e: Exception) -> str:
+    """What a crashed run's one line says after `failed <run_id>: `; names a full disk as such, and
+    error.log only when this attempt wrote it."""
+    from .tracking import disk_full
+
+    log = getattr(e, "error_log", None)
+    where = f"; traceback in {log}" if log else ""
+    if disk_full(e):
+        what = "disk full (ENOSPC)" if e.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+        return (f"{what} writing {e.filename or 'the run directory'}: {e.strerror}; free space there and rerun "
+                f"the same command to resume from the last finished epoch{where}")
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def execute(task: Task):
@@ -164,7 +224,7 @@ def record_death(cfg, reason: str, details: str = ""):
     Only a run whose lock is free is touched (never one another process trains now), and only if
     run.json still says running (the dead process could not write its end); a run that finished
     just before its process died is reported as finished."""
-    from .tracking import FINISHED, RunDir, atomic_write_text, now_iso
+    from .tracking import RunDir, atomic_write_text, now_iso
 
     rd = RunDir(Path(cfg.results_dir), C.run_id(cfg))
     last = rd.lock_holder_pid()  # a killed holder's name stays in the lock file
@@ -174,11 +234,11 @@ def record_death(cfg, reason: str, details: str = ""):
     if rd.path.is_dir() and rd.acquire():
         try:
             info = rd.read_info()
-            if info and info.get("status") in FINISHED:
+            if info and info.get("status") in layout.FINISHED:
                 return run_point(cfg)  # 'skipped: already completed'
-            if info and info.get("status") == "running":
-                rd.write_info({**info, "status": "failed", "error": reason, "ended": now_iso()})
-                atomic_write_text(rd.path / "error.log", f"{reason}\n(no traceback: the process was killed; "
+            if info and info.get("status") == layout.RUNNING:
+                rd.write_info({**info, "status": layout.FAILED, "error": reason, "ended": now_iso()})
+                atomic_write_text(rd.path / layout.ERROR_LOG, f"{reason}\n(no traceback: the process was killed; "
                                                            f"SIGKILL is also what the out-of-memory killer sends)\n"
                                   + (f"\n{details.strip()}\n" if details else ""))
                 # the summary shows how far it got

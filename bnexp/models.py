@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from bnexp import model_knobs
+from bnexp.config import default_dropout  # torch-free: the report applies the rule too
 from bnexp.errors import BnexpError
 from bnexp.nn import make_norm
 
-ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
-NORM_POSITIONS = ("before", "after")  # the norm before the nonlinearity (the BN paper) or after it
-INITS = ("default", "xavier", "gaussian")
+ACTIVATIONS = {name: getattr(nn, module) for name, module in model_knobs.ACTIVATIONS.items()}
+POOLS = {name: getattr(nn, module) for name, module in model_knobs.POOLS.items()}
+NORM_POSITIONS, INITS = model_knobs.NORM_POSITIONS, model_knobs.INITS
 GAUSSIAN_STD = 0.01  # init=gaussian: "small random Gaussian values" (Ioffe & Szegedy 2015, section 4.1)
 
 
@@ -71,11 +72,6 @@ def fc_block(in_features: int, out_features: int, norm: str, norm_kwargs: dict,
     """Linear -> norm -> nonlinearity [-> Dropout], children linear / norm / act / dropout."""
     return _block("linear", nn.Linear(in_features, out_features), make_norm(norm, out_features, 1, **norm_kwargs),
                   arch, dropout)
-
-
-def default_dropout(norm: str) -> float:
-    """The reference rule: dropout 0.5 without normalisation, none with it (BN regularises)."""
-    return 0.5 if norm == "none" else 0.0
 
 
 def init_weights(model: nn.Module, init: str) -> None:
@@ -249,12 +245,12 @@ def check_arch(name: str, arch: Arch) -> None:
     if arch.activation not in ACTIVATIONS:
         raise BnexpError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {arch.activation!r}")
     if arch.norm_position not in NORM_POSITIONS:
-        raise BnexpError(f"model.norm_position must be before or after, got {arch.norm_position!r}")
+        raise BnexpError(f"model.norm_position must be one of {', '.join(NORM_POSITIONS)}, got {arch.norm_position!r}")
     if arch.init not in INITS:
         raise BnexpError(f"model.init must be one of {', '.join(INITS)}, got {arch.init!r}")
     pooled = default_arch(name).pool is not None
     if pooled and arch.pool not in POOLS:
-        raise BnexpError(f"model.pool must be max or avg for {name}, got {arch.pool!r}")
+        raise BnexpError(f"model.pool must be one of {', '.join(POOLS)} for {name}, got {arch.pool!r}")
     if not pooled and arch.pool is not None:
         raise BnexpError(f"{name} has no pooling layers; set model.pool=null (got {arch.pool!r})")
 

@@ -50,7 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-TRAINED, AT_CHANCE, DEAD, UNSTABLE, DIVERGED = "trained", "at chance so far", "dead", "unstable", "diverged"
+from . import layout
+
+TRAINED, AT_CHANCE, DEAD, UNSTABLE = "trained", "at chance so far", "dead", "unstable"
+DIVERGED = layout.DIVERGED  # the label of a diverged run is its run.json status
 LABELS = (DEAD, UNSTABLE, AT_CHANCE, DIVERGED, TRAINED)  # the order of a group's "dead in 1 of 3 seeds, ..."
 
 CHANCE_ABS = 0.02          # |final loss - ln C| at most this: the loss is at chance
@@ -58,6 +61,12 @@ CHANCE_ACC_MARGIN = 0.05   # ... and the accuracy at most 1/C + this
 ABOVE_CHANCE = 0.05        # final loss above ln C + this: unstable
 RISE = 0.1                 # final loss above the best earlier epoch's by more than this: unstable
 FLAT = 0.001               # without a probe: at chance and falling less than this over 2 epochs: dead
+
+
+def diverged_where(diverged_at: dict) -> str:
+    """Where a diverged run's loss turned non-finite (its run.json's `diverged_at`), in the words the
+    run's summary line and the sweep's table both use."""
+    return f"non-finite loss at epoch {diverged_at['epoch']}, step {diverged_at['step']}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ def classify(status: str, num_classes: int | None, losses: list[float], accs: li
     """The outcome of a finished run from its per-epoch training losses and accuracies (metrics.csv;
     the last entry is the final one) and, only when needed, its last probe (`probe()`, read lazily)."""
     L = losses[-1] if losses else math.nan
-    if status == "diverged" or not math.isfinite(L):
+    if status == layout.DIVERGED or not math.isfinite(L):
         return Outcome(DIVERGED, "non-finite loss")
     if not num_classes:
         return Outcome(TRAINED, "")
@@ -141,14 +150,14 @@ def relu_probe(run_dir: Path, activation: str | None, norm_position: str | None)
 
     where = "input" if norm_position == "after" else "output"
     try:
-        with np.load(Path(run_dir) / "activations.npz") as z:
-            keys = [k.split("/") for k in z.files]
-            epochs = [int(k[0][1:]) for k in keys if len(k) == 3 and k[0][1:].isdigit()]
-            if not epochs:
+        with np.load(Path(run_dir) / layout.ACTIVATIONS) as z:
+            keys = [k for k in map(layout.parse_activation_key, z.files) if k]
+            if not keys:
                 return None
-            last = max(epochs)
-            layers = [k[1] for k in keys if k[0] == f"e{last}" and k[2] == where]
-            dead = tuple(name for name in layers if (v := z[f"e{last}/{name}/{where}"]).size and not (v > 0).any())
+            last = max(e for e, _, _ in keys)
+            layers = [layer for e, layer, w in keys if e == last and w == where]
+            dead = tuple(name for name in layers
+                         if (v := z[layout.activation_key(last, name, where)]).size and not (v > 0).any())
     except Exception:  # noqa: BLE001  absent or damaged (the report warns about a damaged one elsewhere)
         return None
     return Probe(last, dead, len(layers)) if layers else None
@@ -164,7 +173,7 @@ def _number(x) -> float:
 def read_epochs(run_dir: Path) -> tuple[list[float], list[float]]:
     """metrics.csv's train_loss and train_acc columns ([] if missing or unreadable)."""
     try:
-        with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        with open(Path(run_dir) / layout.METRICS, newline="") as f:
             rows = list(csv.DictReader(f))
         return [float(r["train_loss"]) for r in rows], [float(r["train_acc"]) for r in rows]
     except (OSError, KeyError, TypeError, ValueError, csv.Error):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .layout import PROBE_POINTS, activation_key
+
 MAX_SAMPLES = 20_000  # values kept per (epoch, layer, where) in activations.npz
 
 
@@ -98,8 +100,8 @@ def record(model: nn.Module, x: torch.Tensor, epoch: int, step: int, samples: di
     """
     identity = {name for name, m in model.norm_layers() if isinstance(m, nn.Identity)}
     for layer, (inp, out) in capture(model, x).items():
-        for where, t in (("input", inp), ("output", out)):
-            samples[f"e{epoch}/{layer}/{where}"] = _sample(t)
+        for where, t in zip(PROBE_POINTS, (inp, out)):
+            samples[activation_key(epoch, layer, where)] = _sample(t)
         if tb is not None:
             shown = (("pre-activation", inp),) if layer in identity else (("input", inp), ("output", out))
             for where, t in shown:

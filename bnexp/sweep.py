@@ -27,11 +27,11 @@ from typing import Callable
 
 from . import config as C
 from . import launch as L
+from . import layout
 from .errors import BnexpError
 
 PRESET_DIR = C.CONF_DIR / "experiment"
 DEFAULT_PRESET = "default"  # applies when no --preset is given; user overrides replace its keys
-STATUSES = ("completed", "skipped", "diverged", "failed", "busy")
 MAX_RUNS = 10_000  # the largest grid a sweep expands unless --max-runs says more (README, "Bad input")
 PREVIEW = 10  # grid points that --dry-run lists for a grid above the maximum
 
@@ -462,13 +462,11 @@ class SweepResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {s: sum(r.status == s for r in self.results) for s in STATUSES}
+        return {s: sum(r.status == s for r in self.results) for s in layout.RESULT_STATUSES}
 
 
 def _is_finished(p: Point) -> bool:
-    from .tracking import FINISHED
-
-    return _run_dir(p).status() in FINISHED
+    return _run_dir(p).status() in layout.FINISHED
 
 
 def _run_dir(p: Point):
@@ -500,7 +498,7 @@ def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", option
     t0 = time.perf_counter()
 
     def finish(i, r, final=False):  # a busy result is final only once the sweep gave up waiting
-        if r.status != "busy" or final:
+        if r.status != layout.BUSY or final:
             results[i] = r
         if on_result:
             on_result(r, sum(x is not None for x in results) if results[i] is r else None, len(results))
@@ -523,7 +521,7 @@ def run_sweep(pl: Plan, jobs: int | None = None, launcher: str = "local", option
         pending = []
         for i, r in (L.launch(name, todo, jobs, options) if todo else ()):
             finish(i, r)
-            if r.status == "busy":
+            if r.status == layout.BUSY:
                 waiting.append(i)
     return SweepResult(pl, results, time.perf_counter() - t0)
 
@@ -552,7 +550,7 @@ def _wait_free(pl: Plan, indices: list[int], poll: float, deadline: float | None
 def _busy(p: Point, holder: str):
     from .tracking import RunResult
 
-    return RunResult(p.run_id, _run_dir(p).path, "busy", message=f"gave up waiting: still held by {holder}")
+    return RunResult(p.run_id, _run_dir(p).path, layout.BUSY, message=f"gave up waiting: still held by {holder}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -562,9 +560,9 @@ NOTE_WIDTH = 72  # characters of a run's note in the summary table
 
 def summary_rows(res: SweepResult) -> list[dict]:
     """One dict per run: the swept axes, status, epochs, final metrics, recorded time, note."""
-    from .outcome import classify_run
+    from .outcome import DIVERGED, classify_run, diverged_where
     from .reference import load_reference
-    from .tracking import FINISHED, RunDir
+    from .tracking import RunDir
 
     num_classes = load_reference().num_classes
     rows = []
@@ -573,15 +571,15 @@ def summary_rows(res: SweepResult) -> list[dict]:
         rd = RunDir(Path(p.results_dir), p.run_id)
         info = rd.read_info() or {}
         final = r.final or {}
-        note = r.message if r.status in ("failed", "busy") else ""
-        if info.get("status") in FINISHED and r.status in (*FINISHED, "skipped"):  # how it ended (outcome.py)
+        note = r.message if r.status in (layout.FAILED, layout.BUSY) else ""
+        if info.get("status") in layout.FINISHED and r.status in (*layout.FINISHED, layout.SKIPPED):  # how it ended (outcome.py)
             note = classify_run(rd.path, info["status"], num_classes.get(p.cfg.data.name), p.cfg.model.activation,
                                 p.cfg.model.norm_position, info.get("final")).text()
-        if r.status == "diverged" and r.extra.get("diverged_at"):
-            note = f"diverged: non-finite loss at epoch {r.extra['diverged_at']['epoch']}"
+        if r.status == layout.DIVERGED and r.extra.get("diverged_at"):
+            note = f"{DIVERGED}: {diverged_where(r.extra['diverged_at'])}"
         rows.append({**{k: values.get(k) for k in res.plan.axes}, "status": r.status,
                      "epochs": f"{r.epochs_completed}/{p.cfg.epochs}",
-                     **{k: final.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+                     **{k: final.get(k) for k in layout.FINAL_METRICS},
                      "seconds": (info.get("seconds") or {}).get("total", r.seconds or None),
                      "note": note[:NOTE_WIDTH]})
     return rows

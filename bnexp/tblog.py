@@ -37,6 +37,8 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
 from torch.utils.tensorboard import summary as tb_summary
 
+from . import layout
+
 try:  # Google's C implementation: ~100x faster than tensorboard's pure-Python CRC32C
     from google_crc32c import value as _crc32c
 
@@ -165,7 +167,7 @@ class TensorBoardLog:
 
     def session_end(self, status: str) -> None:
         """Marks the session ended: completed -> success, diverged -> failure."""
-        code = api_pb2.STATUS_SUCCESS if status == "completed" else api_pb2.STATUS_FAILURE
+        code = api_pb2.STATUS_SUCCESS if status == layout.COMPLETED else api_pb2.STATUS_FAILURE
         end = SessionEndInfo(status=code, end_time_secs=time.time())
         self._hparams_summary(hp_metadata.SESSION_END_INFO_TAG, HParamsPluginData(session_end_info=end))
 

@@ -3,7 +3,7 @@
 Every file is written atomically (temp file + rename), so a crash or `kill -9` leaves either
 the old or the new version, never half a file. Files are created as a plain `open` would create
 them (mode 0666 less the umask, default ACLs applied), so a results_dir shared by a group stays
-usable by the group. Layout: results/README.md. TensorBoard: tblog.py.
+usable by the group. Layout: results/README.md; the file names and columns: layout.py. TensorBoard: tblog.py.
 
 The `.lock` of a run is an flock held by the process training it: locks.py.
 """
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import platform
-import re
 import secrets
 import subprocess
 import tempfile
@@ -27,24 +26,18 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import __version__
-from . import measures_format as MF
+from . import layout as L
 from .config import config_hash
 from .errors import BnexpError
 from .locks import RunLock, describe_process
 
-ACTIVATION_KEY = re.compile(r"e\d+/.+/\w+")
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
-EVAL_COLUMNS = ("step", "epoch", "test_loss", "test_acc")  # evals.csv: the eval_every evaluations
-PRECISE_COLUMNS = ("epoch", "test_loss", "test_acc", "batches")  # precise.csv: precise_bn evaluations (bnexp/precise.py)
-MEASURE_COLUMNS = MF.HEADER  # measures.csv (bnexp/measures_format.py)
-FINISHED = ("completed", "diverged")
 # numpy and torch are imported where a run's arrays and checkpoint are read or written: whether a run
 # is finished (a skipped `bnexp train`, a sweep's finished points) is answered without them.
 
 
 @dataclass
 class RunResult:
-    """What happened to one run; `status` adds 'skipped' and 'busy' to the run.json statuses."""
+    """What happened to one run; `status` is one of layout.RESULT_STATUSES."""
     run_id: str
     path: Path
     status: str
@@ -121,7 +114,7 @@ def run_info(run_id: str, cfg, status: str, state: RunState, attempt: Attempt, d
     last = rows[-1] if rows else None
     return {
         "run_id": run_id, "status": status,
-        "final": None if last is None else {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+        "final": None if last is None else {k: last[k] for k in L.FINAL_METRICS},
         "epochs_completed": len(rows), "epochs": cfg.epochs, "diverged_at": state.diverged_at,
         "error": error, "seed": cfg.seed, "device": device,
         "config_hash": config_hash(cfg), "versions": attempt.versions, "git_commit": attempt.git_commit,
@@ -222,8 +215,8 @@ def versions() -> dict:
 def check_writable(results_dir: Path) -> None:
     """Fail early, with one line, if runs cannot be written under `results_dir`."""
     try:
-        (results_dir / "runs").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=results_dir / "runs", prefix=".write-test-"):
+        (results_dir / L.RUNS_DIR).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=results_dir / L.RUNS_DIR, prefix=".write-test-"):
             pass
     except OSError as e:
         raise BnexpError(f"results_dir '{results_dir}' is not writable ({e.strerror}); "
@@ -234,7 +227,7 @@ def skipped_result(rd: "RunDir", info: dict | None = None) -> RunResult:
     """The 'skipped' result of a finished run, from its run.json alone."""
     info = rd.read_info() if info is None else info
     final = info.get("final") if isinstance(info.get("final"), dict) else None  # a hand-edited run.json
-    return RunResult(rd.run_id, rd.path, "skipped", final, message=f"already {info['status']}",
+    return RunResult(rd.run_id, rd.path, L.SKIPPED, final, message=f"already {info['status']}",
                      epochs_completed=info.get("epochs_completed", 0), extra={"was": info["status"]})
 
 
@@ -243,7 +236,7 @@ def finished_run(results_dir: Path, run_id: str) -> RunResult | None:
     else None. Needs no torch: `bnexp train` and a sweep answer a finished run without importing it."""
     rd = RunDir(Path(results_dir), run_id)
     info = rd.read_info()
-    return skipped_result(rd, info) if info and info.get("status") in FINISHED else None
+    return skipped_result(rd, info) if info and info.get("status") in L.FINISHED else None
 
 
 class RunDir:
@@ -251,8 +244,8 @@ class RunDir:
 
     def __init__(self, results_dir: Path, run_id: str):
         self.run_id = run_id
-        self.path = Path(results_dir) / "runs" / run_id
-        self._lock = RunLock(self.path / ".lock")
+        self.path = L.run_path(results_dir, run_id)
+        self._lock = RunLock(self.path / L.LOCK)
         self._step_lines: list[str] = []  # steps.csv lines written so far by this attempt
         # file name -> what is wrong with it, noted by the readers below (which then act as if the
         # file were absent); the caller decides what to do and says so
@@ -284,19 +277,19 @@ class RunDir:
     def read_info(self) -> dict | None:
         """run.json as a dict; None if it is missing or damaged (not JSON, not a JSON object)."""
         try:
-            info = json.loads((self.path / "run.json").read_text())
+            info = json.loads((self.path / L.INFO).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-            self.damaged["run.json"] = f"is unreadable ({reason(e)})"
+            self.damaged[L.INFO] = f"is unreadable ({reason(e)})"
             return None
         if not isinstance(info, dict):
-            self.damaged["run.json"] = f"holds {json.dumps(info)[:40]}, not a JSON object"
+            self.damaged[L.INFO] = f"holds {json.dumps(info)[:40]}, not a JSON object"
             return None
         return info
 
     def write_info(self, info: dict) -> None:
-        atomic_write_text(self.path / "run.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(self.path / L.INFO, json.dumps(info, indent=2, sort_keys=False) + "\n")
 
     def status(self) -> str | None:
         info = self.read_info()
@@ -304,24 +297,26 @@ class RunDir:
 
     # -- config, metrics, steps, activations
     def write_config(self, cfg) -> None:
-        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write_text(self.path / L.CONFIG, OmegaConf.to_yaml(cfg))
+
+    def _write_table(self, name: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+        atomic_write_text(self.path / name, csv_text(columns, ([r[c] for c in columns] for r in rows)))
 
     def write_metrics(self, rows: list[dict]) -> None:
-        text = csv_text(METRIC_COLUMNS, ([r[c] for c in METRIC_COLUMNS] for r in rows))
-        atomic_write_text(self.path / "metrics.csv", text)
+        self._write_table(L.METRICS, L.METRIC_COLUMNS, rows)
 
     def write_evals(self, rows: list[dict]) -> None:
         """evals.csv: one row per mid-epoch evaluation (eval_every), rewritten whole after every epoch."""
-        atomic_write_text(self.path / "evals.csv", csv_text(EVAL_COLUMNS, ([r[c] for c in EVAL_COLUMNS] for r in rows)))
+        self._write_table(L.EVALS, L.EVAL_COLUMNS, rows)
 
     def write_precise(self, rows: list[dict]) -> None:
         """precise.csv: one row per finished epoch, the test set with precise BN statistics (precise_bn)."""
-        atomic_write_text(self.path / "precise.csv", csv_text(PRECISE_COLUMNS, ([r[c] for c in PRECISE_COLUMNS] for r in rows)))
+        self._write_table(L.PRECISE, L.PRECISE_COLUMNS, rows)
 
     def write_measures(self, rows: list[tuple]) -> None:
         """measures.csv: one row per (step, instrument, layer, statistic), in step order, rewritten whole
         after every epoch; values as Python writes floats (repr: round-trips exactly, nan for undefined)."""
-        atomic_write_text(self.path / MF.FILE_NAME, csv_text(MEASURE_COLUMNS, rows))
+        atomic_write_text(self.path / L.MEASURES, csv_text(L.MEASURE_COLUMNS, rows))
 
     def record_writes(self, cfg, state: RunState) -> list:
         """The writes of a run's records as of `state`, each on its own (after a crash each is tried even
@@ -347,37 +342,37 @@ class RunDir:
         for epoch, n in enumerate(steps_per_epoch, start=1):
             lines += (f"{i + 1},{epoch},{losses[i]:.6g}\n" for i in range(max(step, len(lines)), step + n))
             step += n
-        atomic_write_text(self.path / "steps.csv", "step,epoch,loss\n" + "".join(lines))
+        atomic_write_text(self.path / L.STEPS, ",".join(L.STEP_COLUMNS) + "\n" + "".join(lines))
 
     def write_activations(self, samples: dict[str, np.ndarray]) -> None:
         import numpy as np
 
         buf = io.BytesIO()
         np.savez(buf, **samples)  # not compressed: float samples shrink ~10% and cost 10x the time
-        atomic_write_bytes(self.path / "activations.npz", buf.getvalue())
+        atomic_write_bytes(self.path / L.ACTIVATIONS, buf.getvalue())
 
     def read_activations(self) -> dict[str, np.ndarray]:
         """{"e<epoch>/<layer>/<where>": samples}; {} if the file is missing or damaged."""
         import numpy as np
 
-        path = self.path / "activations.npz"
+        path = self.path / L.ACTIVATIONS
         if not path.exists():
             return {}
         try:
             with np.load(path) as z:  # a truncated file: BadZipFile; a flipped byte: bad CRC-32
                 samples = {k: z[k] for k in z.files}
         except Exception as e:  # noqa: BLE001  BadZipFile, EOFError, ValueError (not an npz), zlib.error...
-            self.damaged["activations.npz"] = f"is unreadable ({reason(e)})"
+            self.damaged[L.ACTIVATIONS] = f"is unreadable ({reason(e)})"
             return {}
-        if not all(ACTIVATION_KEY.fullmatch(k) for k in samples):
-            self.damaged["activations.npz"] = "holds keys other than e<epoch>/<layer>/<where>"
+        if not all(L.parse_activation_key(k) for k in samples):
+            self.damaged[L.ACTIVATIONS] = "holds keys other than e<epoch>/<layer>/<where>"
             return {}
         return samples
 
     # -- checkpoint
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / L.CHECKPOINT
 
     def save_checkpoint(self, state: dict) -> None:
         import torch
@@ -395,17 +390,17 @@ class RunDir:
         try:
             ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001  truncated zip, bad pickle, EOFError...
-            self.damaged["checkpoint.pt"] = f"is unreadable ({reason(e)})"
+            self.damaged[L.CHECKPOINT] = f"is unreadable ({reason(e)})"
             return None
         if not isinstance(ckpt, dict):
-            self.damaged["checkpoint.pt"] = f"holds a {type(ckpt).__name__}, not a checkpoint"
+            self.damaged[L.CHECKPOINT] = f"holds a {type(ckpt).__name__}, not a checkpoint"
             return None
         return ckpt
 
     def clear(self) -> None:
         """Remove the outputs of a previous attempt (for --force), keeping the lock file."""
         for p in self.path.iterdir():
-            if p.name != ".lock" and p.is_file():
+            if p.name != L.LOCK and p.is_file():
                 p.unlink()
             elif p.is_dir():
                 for q in sorted(p.rglob("*"), reverse=True):

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from . import config as C
+from . import layout as L
 from . import data, engine, execution, measure, models, precise, preflight, probes
 from . import measures_format as MF
 from .nn.kinds import BATCH_STAT_KINDS, KIND_KWARGS
 from .errors import BnexpError
 from .tblog import TensorBoardLog
-from .tracking import (FINISHED, Attempt, RunDir, RunResult, RunState, atomic_write_text, check_writable, now_iso,
+from .tracking import (Attempt, RunDir, RunResult, RunState, atomic_write_text, check_writable, now_iso,
                        reason, run_info, skipped_result)
 
 PROBE_BATCH = 256  # test images in the fixed activation-probe batch
@@ -222,14 +223,14 @@ def run(cfg, force: bool = False) -> RunResult:
     results_dir = Path(cfg.results_dir)
     check_writable(results_dir)
     rd = RunDir(results_dir, C.run_id(cfg))
-    if not force and rd.status() in FINISHED:
+    if not force and rd.status() in L.FINISHED:
         return skipped_result(rd)
     preflight.check(cfg)  # bad input fails here or in prepare, before the run directory is touched
     s = prepare(cfg)
     if not rd.acquire():
-        return RunResult(rd.run_id, rd.path, "busy", message="another process is training this run")
+        return RunResult(rd.run_id, rd.path, L.BUSY, message="another process is training this run")
     try:
-        if not force and rd.status() in FINISHED:  # another process finished it while we prepared
+        if not force and rd.status() in L.FINISHED:  # another process finished it while we prepared
             return skipped_result(rd)
         if force:
             rd.clear()
@@ -270,7 +271,7 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
     """One attempt, top to bottom: resume (or start), then per epoch train, evaluate, log, probe and
     save. A crash is recorded (run.json failed, error.log) and re-raised."""
     t = _begin(cfg, rd, s)
-    status, failed = "running", False
+    status, failed = L.RUNNING, False
     try:
         if t.resumed == 0:
             _record_initial(t)
@@ -278,14 +279,14 @@ def _train(cfg, rd: RunDir, s: Setup) -> RunResult:
             ep = _train_epoch(t, epoch)
             if not all(math.isfinite(v) for v in ep["losses"]):
                 _diverged(t, epoch)
-                status = "diverged"
+                status = L.DIVERGED
                 break
             row = _evaluate_epoch(t, epoch, ep)
             _log_epoch(t, row)
             _probe_epoch(t, epoch)
             _save(t, epoch)
         else:
-            status = "completed"
+            status = L.COMPLETED
     except Exception as e:  # a crash mid-training is a recorded result, then re-raised for the caller
         failed = True
         _record_failure(t, e)
@@ -302,10 +303,10 @@ def _begin(cfg, rd: RunDir, s: Setup) -> Training:
     resumed = state.epoch
     prior = rd.read_info() or {}
     attempt = Attempt.begin(prior.get("started") if resumed and prior.get("started") else now_iso())
-    samples = {k: v for k, v in rd.read_activations().items() if int(k.split("/")[0][1:]) <= resumed}
+    samples = {k: v for k, v in rd.read_activations().items() if L.parse_activation_key(k)[0] <= resumed}
     _take_stock(rd, resumed)
     rd.write_config(cfg)
-    rd.write_info(run_info(rd.run_id, cfg, "running", state, attempt, str(s.device), s.execution))
+    rd.write_info(run_info(rd.run_id, cfg, L.RUNNING, state, attempt, str(s.device), s.execution))
     tb = TensorBoardLog(rd.path, purge_step=state.step + 1 if resumed else None)
     tb.hparams(C.hparams(cfg), group_name=C.run_label(cfg, rd.run_id))  # the table lists a run as it starts
     return Training(cfg, s, rd, state, attempt, tb, samples, resumed, saved=resumed,
@@ -355,7 +356,7 @@ def _evaluate_epoch(t: Training, epoch: int, ep: dict) -> dict:
 
 def _log_epoch(t: Training, row: dict) -> None:
     _epoch_line(t.bar, t.cfg, row)
-    t.tb.scalars({f"epoch/{k}": row[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}, t.state.step)
+    t.tb.scalars({f"epoch/{k}": row[k] for k in (*L.FINAL_METRICS, "lr")}, t.state.step)
 
 
 def _probe_epoch(t: Training, epoch: int) -> None:
@@ -374,7 +375,7 @@ def _save(t: Training, epoch: int) -> None:
     _checkpoint(t.rd, t.s, t.cfg, t.state)
     t.saved = epoch
     t.rd.write_records(t.cfg, t.state)
-    t.rd.write_info(t.info("running"))
+    t.rd.write_info(t.info(L.RUNNING))
 
 
 def _finish(t: Training, status: str) -> RunResult:
@@ -413,7 +414,7 @@ def _record_failure(t: Training, e: Exception) -> None:
     """
     t.state.elapsed = t.elapsed()
     state = t.state.as_of(t.saved)
-    log = t.rd.path / "error.log"
+    log = t.rd.path / L.ERROR_LOG
     try:
         atomic_write_text(log, traceback.format_exc())
     except OSError:
@@ -423,7 +424,7 @@ def _record_failure(t: Training, e: Exception) -> None:
             e.error_log = log
         except (AttributeError, TypeError):  # an exception type that takes no attributes
             pass
-    failed = t.info("failed", state, error=f"{type(e).__name__}: {e}", ended=now_iso())
+    failed = t.info(L.FAILED, state, error=f"{type(e).__name__}: {e}", ended=now_iso())
     for write in (*t.rd.record_writes(t.cfg, state), lambda: t.rd.write_info(failed)):
         try:
             write()
@@ -573,7 +574,7 @@ def _resume_state(rd: RunDir, s: Setup, cfg) -> RunState:
         return RunState.from_checkpoint(ckpt["state"], cfg.epochs)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         _restore_snapshot(s, fresh)
-        rd.damaged["checkpoint.pt"] = f"cannot be restored ({reason(e)})"
+        rd.damaged[L.CHECKPOINT] = f"cannot be restored ({reason(e)})"
         return RunState()
 
 
@@ -594,17 +595,17 @@ def _restore_snapshot(s: Setup, snap: tuple) -> None:
 
 def _take_stock(rd: RunDir, resumed: int) -> None:
     """Act on the damaged files the readers found, and say so: one stderr line per file."""
-    if "checkpoint.pt" in rd.damaged:  # nothing else can be trusted to belong to a resumable state
+    if L.CHECKPOINT in rd.damaged:  # nothing else can be trusted to belong to a resumable state
         rd.clear()
-        actions = {"checkpoint.pt": "retraining the run from scratch (its other files were removed)"}
+        actions = {L.CHECKPOINT: "retraining the run from scratch (its other files were removed)"}
     else:
-        actions = {"run.json": "treating the run as unfinished: " + (
-                       f"resuming it from checkpoint.pt after epoch {resumed}" if resumed else "training it from the start"),
-                   "activations.npz": "removed it; recording the activation probes again" + (
+        actions = {L.INFO: "treating the run as unfinished: " + (
+                       f"resuming it from {L.CHECKPOINT} after epoch {resumed}" if resumed else "training it from the start"),
+                   L.ACTIVATIONS: "removed it; recording the activation probes again" + (
                        f" from epoch {resumed + 1} (those up to epoch {resumed} are lost; --force retrains)"
                        if resumed else "")}
-        if "activations.npz" in rd.damaged:
-            (rd.path / "activations.npz").unlink(missing_ok=True)
+        if L.ACTIVATIONS in rd.damaged:
+            (rd.path / L.ACTIVATIONS).unlink(missing_ok=True)
     for name, action in actions.items():
         if name in rd.damaged:
             print(f"warning: {rd.path / name} {rd.damaged[name]}; {action}", file=sys.stderr)

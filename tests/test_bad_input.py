@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp.cli import main
@@ -55,7 +56,7 @@ def test_train_refuses_before_any_work(capsys, synth_data_dir, tmp_path, monkeyp
                          *override.split())
     one_line(code, out, err, message)
     # no run directory (an empty results/runs is the writability check of a data error: existing behaviour)
-    assert [p for p in tmp_path.rglob("*") if p not in (results, results / "runs")] == []
+    assert [p for p in tmp_path.rglob("*") if p not in (results, results / L.RUNS_DIR)] == []
 
 
 def test_limits_are_inclusive_and_bn_off_allows_batches_of_one(capsys, synth_data_dir, tmp_path):

@@ -37,9 +37,10 @@ def test_bn_benchmark_layouts_and_traffic():
 @pytest.mark.parametrize("args,msg", [(["--backends", "cudnn"], "unknown batch-norm backend 'cudnn'"),
                                       (["--backends", "compiled,triton"], "--backends triton needs --device cuda"),
                                       (["--precision", "fp16"], "--precision must be fp32 or bf16"),
+                                      (["--device", "gpu0"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu0'"),
                                       (["--kinds", "gn,groupnorm"], "--kinds: unknown norm kind in 'gn,groupnorm'")])
 def test_bench_rejects_bad_options(capsys, tmp_path, args, msg):
-    assert main(["bench", "bn", "--device", "cpu", "--out", str(tmp_path), *args]) == 2
+    assert main(["bench", "bn", "--device", "cpu", "--out", str(tmp_path), *args]) == 2  # a later --device wins
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
 
@@ -102,3 +103,19 @@ def test_sweep_benchmark_pairs_the_job_counts(monkeypatch):
     assert one["speedup"] is None and two["runs_per_min"] == pytest.approx(12.0)
     table = sweep.format_table(result)
     assert "1.50x (min 1.50, max 1.50, n 3)" in table and "every ratio is settled" in table
+
+
+def test_bench_gives_a_device_only_to_the_benchmarks_that_take_one(capsys, tmp_path, monkeypatch):
+    import importlib
+    import inspect
+
+    from bnexp.bench import report, suite
+
+    for name in suite.BENCHMARKS:
+        takes = "device" in inspect.signature(importlib.import_module(f"bnexp.bench.{name}").run).parameters
+        assert takes == (name not in suite.CPU_ONLY), name
+    monkeypatch.setattr(report, "run", lambda: {"n_runs": 0})  # a device argument would be a TypeError
+    monkeypatch.setattr(report, "format_table", lambda result: "the table")
+    assert main(["bench", "report", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report-cpu.json").read_text()) == {"n_runs": 0}
+    assert capsys.readouterr().out.splitlines()[0] == "the table"

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from runfactory import CHANCE_10, fake_run
+from bnexp import layout as L
 from bnexp.errors import BnexpError
 from bnexp.reference import load_reference
 from bnexp.report.build import analyse
@@ -108,7 +109,7 @@ def test_noisy_bn_far_from_bn_is_mixed(tmp_path):
 
 def _measures(run_dir, rows):
     lines = "".join(f"{s},{i},{lay},{st},{v}\n" for s, i, lay, st, v in rows)
-    (run_dir / "measures.csv").write_text("step,instrument,layer,statistic,value\n" + lines)
+    (run_dir / L.MEASURES).write_text("step,instrument,layer,statistic,value\n" + lines)
 
 
 def test_landscape_from_measures(tmp_path):
@@ -161,7 +162,7 @@ def test_a_malformed_ledger_is_one_line(tmp_path):
 
 
 def _precise(run_dir, acc):
-    (run_dir / "precise.csv").write_text(f"epoch,test_loss,test_acc,batches\n1,0.5,{acc - 0.01},100\n20,0.4,{acc},100\n")
+    (run_dir / L.PRECISE).write_text(f"epoch,test_loss,test_acc,batches\n1,0.5,{acc - 0.01},100\n20,0.4,{acc},100\n")
 
 
 @pytest.mark.parametrize("gain_small, verdict", [(0.03, "supported"), (0.002, "not supported")])

@@ -41,3 +41,31 @@ def test_every_option_of_a_group_has_the_keys_of_the_default(group):
     base = set(C.flatten(OmegaConf.to_container(C.compose([]))))
     for option in C.group_options(group):
         assert set(C.flatten(OmegaConf.to_container(C.compose([f"{group}={option}"])))) == base, option
+
+
+def test_the_choices_come_from_the_registries_and_the_shipped_options():
+    """A config group's names are those its shipped options declare; each is one bnexp has code for."""
+    import torch
+
+    from bnexp import data, models, train
+    from bnexp.nn.kinds import NORM_KINDS
+
+    assert C.MODEL_NAMES == tuple(sorted(models.MODELS)) and C.DATA_NAMES == tuple(sorted(data.DATASETS))
+    assert set(C.declared("norm", "kind")) == set(NORM_KINDS)
+    built = {type(train.build_optimizer(C.compose([f"optim={o}"]), [torch.zeros(1, requires_grad=True)]))
+             for o in C.OPTIM_NAMES}
+    assert len(built) == len(C.OPTIM_NAMES)  # every optimiser name builds its own optimiser
+    assert set(models.ACTIVATIONS) == set(C.CHOICES["model.activation"]) and None in C.CHOICES["model.pool"]
+    for key, choices in C.CHOICES.items():
+        assert C.flatten(OmegaConf.to_container(C.compose([])))[key] in choices, key
+
+
+def test_the_key_list_is_composed_only_for_the_help(monkeypatch, capsys):
+    def refuse():
+        raise AssertionError("composed without --help")
+
+    monkeypatch.setattr(C, "key_docs", refuse)
+    assert main(["sweep", "--list-presets"]) == 0
+    monkeypatch.undo()
+    assert main(["sweep", "--help"]) == 0
+    assert "model.activation=relu          relu | sigmoid | tanh;" in capsys.readouterr().out

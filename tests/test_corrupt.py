@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import synth
+from bnexp import layout as L
 from bnexp import data
 from bnexp.data import load_split
 from bnexp.errors import BnexpError
@@ -166,7 +167,7 @@ def bnexp(capsys, *args):
 
 def metrics_rows(run):
     """metrics.csv without the wall-clock column."""
-    lines = (run / "metrics.csv").read_text().splitlines()
+    lines = (run / L.METRICS).read_text().splitlines()
     return [line.rsplit(",", 1)[0] for line in lines]
 
 
@@ -177,7 +178,7 @@ def clean_run(synth_data_dir, tmp_path_factory):
 
     results = tmp_path_factory.mktemp("clean")
     assert main(["train", f"data_dir={synth_data_dir}", f"results_dir={results}", *QUICK]) == 0
-    (run,) = (results / "runs").iterdir()
+    (run,) = (results / L.RUNS_DIR).iterdir()
     return run
 
 
@@ -187,7 +188,7 @@ def args(synth_data_dir, tmp_path):
 
 
 def _run_dir(tmp_path):
-    (run,) = (tmp_path / "results" / "runs").iterdir()
+    (run,) = (tmp_path / "results" / L.RUNS_DIR).iterdir()
     return run
 
 
@@ -207,8 +208,8 @@ def _fail_in_epoch_2(capsys, args, monkeypatch):
         code, _, err = bnexp(capsys, *args)
     assert code == 1 and "simulated crash" in err
     run = args[2].split("=", 1)[1]
-    (run,) = (Path(run) / "runs").iterdir()
-    assert json.loads((run / "run.json").read_text())["epochs_completed"] == 1 and len(metrics_rows(run)) == 2
+    (run,) = (Path(run) / L.RUNS_DIR).iterdir()
+    assert json.loads((run / L.INFO).read_text())["epochs_completed"] == 1 and len(metrics_rows(run)) == 2
 
 
 def _warnings(err):
@@ -222,14 +223,14 @@ def test_damaged_run_json_of_a_finished_run_resumes_from_the_checkpoint(capsys, 
     """run.json that is not a JSON object used to block the run for good (AttributeError)."""
     assert bnexp(capsys, *args)[0] == 0
     run = _run_dir(tmp_path)
-    (run / "run.json").write_bytes(content.encode("latin1"))
+    (run / L.INFO).write_bytes(content.encode("latin1"))
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and out.startswith("completed ") and "resumed after epoch 2" in out
     (line,) = _warnings(err)
     assert line.startswith(f"warning: {run / 'run.json'} ")
     assert line.endswith("treating the run as unfinished: resuming it from checkpoint.pt after epoch 2")
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["epochs_completed"] == 2
+    info = json.loads((run / L.INFO).read_text())
+    assert info["status"] == L.COMPLETED and info["epochs_completed"] == 2
     assert metrics_rows(run) == metrics_rows(clean_run)
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and out.startswith("skipped ") and err == ""
@@ -238,13 +239,13 @@ def test_damaged_run_json_of_a_finished_run_resumes_from_the_checkpoint(capsys, 
 def test_damaged_run_json_of_an_unfinished_run_resumes_it(capsys, args, tmp_path, monkeypatch, clean_run):
     _fail_in_epoch_2(capsys, args, monkeypatch)
     run = _run_dir(tmp_path)
-    (run / "run.json").write_text("42\n")
+    (run / L.INFO).write_text("42\n")
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and "resumed after epoch 1" in out
     assert _warnings(err)[0].endswith("holds 42, not a JSON object; treating the run as unfinished: "
                                       "resuming it from checkpoint.pt after epoch 1")
     assert metrics_rows(run) == metrics_rows(clean_run)
-    assert (run / "steps.csv").read_text() == (clean_run / "steps.csv").read_text()
+    assert (run / L.STEPS).read_text() == (clean_run / L.STEPS).read_text()
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
@@ -252,14 +253,14 @@ def test_damaged_activations_are_recorded_again_from_the_resume(capsys, args, tm
     """A truncated activations.npz used to make every later `bnexp train` of the run fail (BadZipFile)."""
     _fail_in_epoch_2(capsys, args, monkeypatch)
     run = _run_dir(tmp_path)
-    synth.corrupt(run / "activations.npz", how)
+    synth.corrupt(run / L.ACTIVATIONS, how)
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and "resumed after epoch 1" in out
     (line,) = _warnings(err)
     assert line.startswith(f"warning: {run / 'activations.npz'} is unreadable (BadZipFile: ")
     assert line.endswith("removed it; recording the activation probes again from epoch 2 "
                          "(those up to epoch 1 are lost; --force retrains)")
-    with np.load(run / "activations.npz") as z:
+    with np.load(run / L.ACTIVATIONS) as z:
         epochs = {k.split("/")[0] for k in z.files}
     assert epochs == {"e2"}
     assert metrics_rows(run) == metrics_rows(clean_run)
@@ -285,28 +286,28 @@ def _bad_checkpoint(path, what):
 def test_damaged_checkpoint_retrains_from_scratch(capsys, args, tmp_path, monkeypatch, clean_run, what):
     _fail_in_epoch_2(capsys, args, monkeypatch)
     run = _run_dir(tmp_path)
-    _bad_checkpoint(run / "checkpoint.pt", what)
+    _bad_checkpoint(run / L.CHECKPOINT, what)
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and out.startswith("completed ") and "resumed" not in out
     (line,) = _warnings(err)
     assert line.startswith(f"warning: {run / 'checkpoint.pt'} ")
     assert line.endswith("; retraining the run from scratch (its other files were removed)")
-    assert not (run / "error.log").exists()  # the failed attempt's files are gone
+    assert not (run / L.ERROR_LOG).exists()  # the failed attempt's files are gone
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
     # the same numbers as a clean run: a failed restore put the fresh model, optimiser and RNG back
     assert metrics_rows(run) == metrics_rows(clean_run)
-    assert (run / "steps.csv").read_text() == (clean_run / "steps.csv").read_text()
+    assert (run / L.STEPS).read_text() == (clean_run / L.STEPS).read_text()
 
 
 def test_report_skips_damaged_activations_with_a_warning(capsys, args, tmp_path):
     """A truncated activations.npz used to crash `bnexp report` with a traceback."""
     assert bnexp(capsys, *args)[0] == 0
     run = _run_dir(tmp_path)
-    synth.corrupt(run / "activations.npz", "truncate")
+    synth.corrupt(run / L.ACTIVATIONS, "truncate")
     assert bnexp(capsys, *args)[1].startswith("skipped ")  # finished: not retrained by itself
     code, out, err = bnexp(capsys, "report", "--results-dir", tmp_path / "results")
     assert code == 0 and "Traceback" not in err
-    (line,) = [w for w in err.splitlines() if "activations.npz" in w]
+    (line,) = [w for w in err.splitlines() if L.ACTIVATIONS in w]
     assert line == (f"warning: partial {run}: activations.npz unreadable (BadZipFile); activation figure "
                     "omitted (`bnexp train ... --force` retrains the run to record it again)")
 
@@ -320,8 +321,8 @@ def test_report_survives_activations_damaged_inside(tmp_path):
 
     runs = [fake_run(tmp_path, seed=s, bn=bn) for s in (0, 1) for bn in ("on", "off")]
     for run in runs[:2]:
-        synth.corrupt(run / "activations.npz", "flip")
-    assert read_activations(runs[0] / "activations.npz") == {}
+        synth.corrupt(run / L.ACTIVATIONS, "flip")
+    assert read_activations(runs[0]) == {}
     assert write_report(tmp_path).summary
 
 
@@ -332,7 +333,7 @@ def test_report_names_a_run_json_that_is_not_an_object(tmp_path):
 
     fake_run(tmp_path, seed=0)
     bad = fake_run(tmp_path, seed=1)
-    (bad / "run.json").write_text("42")
+    (bad / L.INFO).write_text("42")
     (line,) = [w for w in load_runs(tmp_path).warnings if bad.name in w]
     assert line.startswith(f"skipped {bad}: run.json holds 42, not a JSON object")
 
@@ -347,12 +348,12 @@ def _fill_disk_at(monkeypatch, nth_checkpoint: int, stays_full: bool):
     real, seen = tracking.atomic_write_bytes, {"checkpoints": 0, "full": False}
 
     def write(path, data):
-        if path.name == "checkpoint.pt":
+        if path.name == L.CHECKPOINT:
             seen["checkpoints"] += 1
             seen["full"] = seen["checkpoints"] >= nth_checkpoint
         if seen["full"]:
             if not stays_full:
-                seen["full"] = path.name != "checkpoint.pt"
+                seen["full"] = path.name != L.CHECKPOINT
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
@@ -362,7 +363,7 @@ def _fill_disk_at(monkeypatch, nth_checkpoint: int, stays_full: bool):
 def _checkpoint_epoch(run) -> int:
     import torch
 
-    return torch.load(run / "checkpoint.pt", weights_only=False)["state"]["epoch"]
+    return torch.load(run / L.CHECKPOINT, weights_only=False)["state"]["epoch"]
 
 
 def test_full_disk_at_a_checkpoint_records_the_last_checkpoint(capsys, args, tmp_path, monkeypatch, clean_run):
@@ -374,14 +375,14 @@ def test_full_disk_at_a_checkpoint_records_the_last_checkpoint(capsys, args, tmp
     assert code == 1 and out == "" and err.count("\n") == 1
     assert err.startswith(f"failed {run.name}: disk full (ENOSPC) writing {run / 'checkpoint.pt'}: "
                           "No space left on device; free space there and rerun the same command")
-    assert err.rstrip().endswith(f"; traceback in {run / 'error.log'}") and "ENOSPC" not in (run / "error.log").name
-    assert "No space left on device" in (run / "error.log").read_text()
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "failed" and info["epochs_completed"] == 1 == _checkpoint_epoch(run)
+    assert err.rstrip().endswith(f"; traceback in {run / 'error.log'}") and "ENOSPC" not in (run / L.ERROR_LOG).name
+    assert "No space left on device" in (run / L.ERROR_LOG).read_text()
+    info = json.loads((run / L.INFO).read_text())
+    assert info["status"] == L.FAILED and info["epochs_completed"] == 1 == _checkpoint_epoch(run)
     assert len(metrics_rows(run)) == 2  # header + epoch 1
     epoch1 = dict(zip(metrics_rows(run)[0].split(","), metrics_rows(run)[1].split(",")))
     assert info["final"]["train_loss"] == float(epoch1["train_loss"])
-    assert (run / "steps.csv").read_text().count("\n") == 1 + 8  # 512 / 64 steps of epoch 1
+    assert (run / L.STEPS).read_text().count("\n") == 1 + 8  # 512 / 64 steps of epoch 1
     code, out, _ = bnexp(capsys, *args)  # space again: resumes from the checkpoint
     assert code == 0 and "resumed after epoch 1" in out
     assert metrics_rows(run) == metrics_rows(clean_run)
@@ -391,16 +392,16 @@ def test_disk_that_stays_full_never_points_to_an_empty_error_log(capsys, args, t
     """The message pointed to an error.log of 0 bytes; here an earlier attempt's error.log exists too."""
     _fail_in_epoch_2(capsys, args, monkeypatch)  # leaves error.log (simulated crash) and a checkpoint of epoch 1
     run = _run_dir(tmp_path)
-    assert "simulated crash" in (run / "error.log").read_text()
+    assert "simulated crash" in (run / L.ERROR_LOG).read_text()
     with monkeypatch.context() as m:
         _fill_disk_at(m, 1, stays_full=True)  # this attempt's first checkpoint (epoch 2) fills the disk
         code, out, err = bnexp(capsys, *args)
     assert code == 1 and err.count("\n") == 1
     assert err == (f"failed {run.name}: disk full (ENOSPC) writing {run / 'checkpoint.pt'}: No space left on "
                    "device; free space there and rerun the same command to resume from the last finished epoch\n")
-    assert not (run / "error.log").exists()  # neither empty nor the earlier attempt's traceback
-    info = json.loads((run / "run.json").read_text())  # this attempt's start record: could not be updated
-    assert info["status"] == "running" and info["epochs_completed"] == 1 == _checkpoint_epoch(run)
+    assert not (run / L.ERROR_LOG).exists()  # neither empty nor the earlier attempt's traceback
+    info = json.loads((run / L.INFO).read_text())  # this attempt's start record: could not be updated
+    assert info["status"] == L.RUNNING and info["epochs_completed"] == 1 == _checkpoint_epoch(run)
     assert len(metrics_rows(run)) == 2
     code, out, _ = bnexp(capsys, *args)
     assert code == 0 and "resumed after epoch 1" in out
@@ -458,15 +459,15 @@ def test_really_full_disk_mid_run(capsys, synth_data_dir, small_tmpfs, monkeypat
         m.setattr(T, "_checkpoint", checkpoint)
         m.setattr(T, "train_epoch", train_epoch)
         code, out, err = bnexp(capsys, *args)
-    (run,) = (results / "runs").iterdir()
+    (run,) = (results / L.RUNS_DIR).iterdir()
     assert code == 1 and err.count("\n") == 1
     assert err.startswith(f"failed {run.name}: disk full (ENOSPC) writing {run}/"), err
     assert "free space there and rerun the same command to resume from the last finished epoch" in err
-    log = run / "error.log"
+    log = run / L.ERROR_LOG
     assert ("traceback in" in err) == log.exists() and (not log.exists() or log.stat().st_size > 0)
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / L.INFO).read_text())
     assert info["epochs_completed"] <= _checkpoint_epoch(run) == 1
-    assert not (run / "metrics.csv").exists() or len(metrics_rows(run)) - 1 <= 1
+    assert not (run / L.METRICS).exists() or len(metrics_rows(run)) - 1 <= 1
     filler.unlink()
     code, out, err = bnexp(capsys, *args)
     assert code == 0 and "resumed after epoch 1" in out, err

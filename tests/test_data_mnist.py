@@ -3,6 +3,7 @@
 import pytest
 
 import synth
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import data
 from bnexp import train as T
@@ -40,4 +41,4 @@ def test_train_on_mnist(tmp_path):
                      "progress=false"])
     with bn_functional.use_backend("eager"):
         result = T.run(cfg)
-    assert result.status == "completed" and result.run_id.startswith("mlp_ioffe-mnist-bn-")
+    assert result.status == L.COMPLETED and result.run_id.startswith("mlp_ioffe-mnist-bn-")

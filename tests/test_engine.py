@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnexp import layout as L
 from bnexp import config, data, engine, train
 from bnexp.errors import BnexpError
 
@@ -225,7 +226,7 @@ def test_impossible_cuda_graphs_is_a_one_line_error_before_any_run(capsys, synth
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert "cuda_graphs=on needs a CUDA device" in err and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / L.RUNS_DIR).exists() or not any((tmp_path / L.RUNS_DIR).iterdir())
 
 
 def test_capture_records_train_mode_even_after_eval(synth_data_dir):

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from bnexp import layout
 import bnexp.nn as bnn
 from bnexp.cli import main
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bnF
 from bnexp.nn.functional import use_backend
 
@@ -101,12 +103,12 @@ def test_auto_runs_the_triton_kernels_on_cuda(monkeypatch):
             calls.append(_name)
             return _fn(*args, **kwargs)
         monkeypatch.setattr(triton_bn, name, spy)
-    monkeypatch.setattr(bnF, "_triton_broken", {})
+    monkeypatch.setattr(dispatch, "_triton_broken", {})
     with use_backend("auto"):
         assert bnF.resolved_backend(DEV) == "triton"
         layer = bnn.BatchNorm2d(8, device=DEV)
         layer(torch.randn(4, 8, 5, 5, device=DEV, requires_grad=True)).sum().backward()
-        assert bnF._triton_broken == {}, bnF._triton_broken
+        assert dispatch._triton_broken == {}, dispatch._triton_broken
     assert calls == ["train_forward", "train_backward"]
 
 
@@ -155,7 +157,7 @@ def test_train_on_cuda_end_to_end(synth_data_dir, tmp_path, capsys):
     args = ["train", f"data_dir={synth_data_dir}", f"results_dir={tmp_path}", "epochs=2", "batch_size=64",
             "progress=false", f"device={DEV}"]
     assert main(args) == 0, capsys.readouterr().err
-    run = next((tmp_path / "runs").iterdir())
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["device"].startswith("cuda")
+    run = next((tmp_path / layout.RUNS_DIR).iterdir())
+    info = json.loads((run / layout.INFO).read_text())
+    assert info["status"] == layout.COMPLETED and info["device"].startswith("cuda")
     assert info["final"]["train_loss"] < 2.0

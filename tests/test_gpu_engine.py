@@ -5,6 +5,7 @@ capture/restore logic runs on CPU with a stand-in graph in test_engine.py."""
 import pytest
 import torch
 
+from bnexp import layout as L
 from bnexp import config, engine, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -40,8 +41,8 @@ def test_cuda_graph_run_end_to_end(synth_data_dir, tmp_path):
             "batch_size=64", "progress=false", "cuda_graphs=on"]
     assert main(args) == 0
     import json
-    info = json.loads(next((tmp_path / "runs").iterdir()).joinpath("run.json").read_text())
-    assert info["status"] == "completed" and info["execution"]["cuda_graphs"] is True
+    info = json.loads(next((tmp_path / L.RUNS_DIR).iterdir()).joinpath(L.INFO).read_text())
+    assert info["status"] == L.COMPLETED and info["execution"]["cuda_graphs"] is True
 
 
 def test_diverging_run_is_detected_under_graphs(synth_data_dir):

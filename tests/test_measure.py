@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bnexp import layout
 from bnexp import config as C
 from bnexp import engine, measure as M, measures_format as MF, train as T
 from bnexp.cli import main
@@ -251,7 +252,7 @@ def test_bad_measure_input_is_one_line_exit_2_before_any_run(capsys, tmp_path, o
                  f"results_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / layout.RUNS_DIR).exists()
 
 
 # ----------------------------------------------------------------------------- no side effects
@@ -263,13 +264,13 @@ def _args(synth_data_dir, results, *extra):
 
 
 def _record(run: Path) -> tuple[str, str]:
-    metrics = "".join(line.rsplit(",", 1)[0] + "\n" for line in (run / "metrics.csv").read_text().splitlines())
-    return metrics, (run / "steps.csv").read_text()
+    metrics = "".join(line.rsplit(",", 1)[0] + "\n" for line in (run / layout.METRICS).read_text().splitlines())
+    return metrics, (run / layout.STEPS).read_text()
 
 
 def _same_state(a: Path, b: Path) -> None:
     """The checkpoints hold the same model (running statistics, num_batches_tracked), optimiser and RNG."""
-    ca, cb = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (a, b))
+    ca, cb = (torch.load(p / layout.CHECKPOINT, weights_only=False) for p in (a, b))
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
     for key, st in ca["optimizer"]["state"].items():
@@ -297,11 +298,11 @@ MATRIX = [
 def test_a_run_with_every_instrument_trains_exactly_like_one_without(synth_data_dir, tmp_path, name, extra):
     off = T.run(_args(synth_data_dir, tmp_path / "off", *extra))
     on = T.run(_args(synth_data_dir, tmp_path / "on", *extra, "measure=all", "measure_every=3"))
-    assert off.status == on.status == "completed" and off.run_id != on.run_id
+    assert off.status == on.status == layout.COMPLETED and off.run_id != on.run_id
     assert _record(off.path) == _record(on.path)
     _same_state(off.path, on.path)
-    rows = list(csv.DictReader(open(on.path / "measures.csv")))
-    steps_per_epoch = len((on.path / "steps.csv").read_text().splitlines()) // 2  # header + 2 epochs
+    rows = list(csv.DictReader(open(on.path / layout.MEASURES)))
+    steps_per_epoch = len((on.path / layout.STEPS).read_text().splitlines()) // 2  # header + 2 epochs
     total = 2 * steps_per_epoch
     measured = sorted({int(r["step"]) for r in rows})
     assert measured == [s for s in range(0, total, 3)]  # step 0, every 3rd, none after the last step
@@ -311,9 +312,9 @@ def test_a_run_with_every_instrument_trains_exactly_like_one_without(synth_data_
 
 def test_the_step_zero_loss_is_the_first_training_steps_loss(synth_data_dir, tmp_path):
     r = T.run(_args(synth_data_dir, tmp_path, "measure=[landscape]", "norm=noisy"))
-    rows = list(csv.DictReader(open(r.path / "measures.csv")))
+    rows = list(csv.DictReader(open(r.path / layout.MEASURES)))
     loss0 = next(float(x["value"]) for x in rows if x["step"] == "0" and x["statistic"] == "loss")
-    step1 = next(csv.DictReader(open(r.path / "steps.csv")))
+    step1 = next(csv.DictReader(open(r.path / layout.STEPS)))
     assert f"{loss0:.6g}" == step1["loss"]  # same batch, same noise draws, same parameters
     assert {x["statistic"] for x in rows} == {"min", "max", "loss"}
 
@@ -324,15 +325,15 @@ def test_measurements_reach_run_json_and_tensorboard(synth_data_dir, tmp_path):
     r = T.run(_args(synth_data_dir, tmp_path, "measure=[weights,ics]", "measure_every=2"))
     import json
 
-    sec = json.loads((r.path / "run.json").read_text())["seconds"]
+    sec = json.loads((r.path / layout.INFO).read_text())["seconds"]
     assert sec["measures"] > 0 and sec["train"] + sec["eval"] + sec["probes"] + sec["measures"] <= sec["total"]
     acc = EventAccumulator(str(r.path), size_guidance={"scalars": 0}).Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"measure/ics/conv2.conv/cos", "measure/weights/fc1.linear/effective_step"} <= tags
     assert [e.step for e in acc.Scalars("measure/weights/fc3/grad_norm")] == [0, 2, 4, 6]
     off = T.run(_args(synth_data_dir, tmp_path / "off"))
-    assert "measures" not in json.loads((off.path / "run.json").read_text())["seconds"]
-    assert not (off.path / "measures.csv").exists()
+    assert "measures" not in json.loads((off.path / layout.INFO).read_text())["seconds"]
+    assert not (off.path / layout.MEASURES).exists()
 
 
 def test_a_crash_leaves_the_measurements_of_the_checkpointed_epochs(synth_data_dir, tmp_path, monkeypatch):
@@ -346,16 +347,16 @@ def test_a_crash_leaves_the_measurements_of_the_checkpointed_epochs(synth_data_d
     monkeypatch.setattr(T, "_epoch_evaluation", crash_in_epoch_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.run(_args(synth_data_dir, tmp_path, "measure=[weights]", "measure_every=3"))
-    [run] = (tmp_path / "runs").iterdir()
-    steps = {int(r["step"]) for r in csv.DictReader(open(run / "measures.csv"))}
+    [run] = (tmp_path / layout.RUNS_DIR).iterdir()
+    steps = {int(r["step"]) for r in csv.DictReader(open(run / layout.MEASURES))}
     assert steps == {0, 3}  # epoch 1 is steps 1-4: its measurements are at 0 and 3, epoch 2's (6) are gone
 
 
 def test_a_diverging_run_records_its_measurements_up_to_the_divergence(synth_data_dir, tmp_path):
     r = T.run(_args(synth_data_dir, tmp_path, "bn=off", "lr=1e4", "measure=all", "measure_every=1"))
-    assert r.status == "diverged"
+    assert r.status == layout.DIVERGED
     last = r.extra["diverged_at"]["step"]
-    steps = sorted({int(x["step"]) for x in csv.DictReader(open(r.path / "measures.csv"))})
+    steps = sorted({int(x["step"]) for x in csv.DictReader(open(r.path / layout.MEASURES))})
     assert steps == list(range(0, last + 1))  # the step with the first non-finite loss is measured too, none after
 
 
@@ -374,16 +375,16 @@ def test_kill_9_and_rerun_resumes_to_identical_files(synth_data_dir, tmp_path):
         p = subprocess.run([sys.executable, "-m", "bnexp", "train", *args, f"results_dir={results}"], cwd=REPO,
                            env=e, capture_output=True, text=True, timeout=600)
         assert p.returncode == (9 if die else 0), p.stderr
-        [run] = (results / "runs").iterdir()
+        [run] = (results / layout.RUNS_DIR).iterdir()
         return run
 
     whole = bnexp(tmp_path / "whole")
     killed = bnexp(tmp_path / "killed", die=1)
     # killed right after epoch 1's checkpoint, before its files: epoch 1's rows live in the checkpoint only
-    assert not (killed / "measures.csv").exists()
+    assert not (killed / layout.MEASURES).exists()
     resumed = bnexp(tmp_path / "killed")
     assert _record(resumed) == _record(whole)
-    assert (resumed / "measures.csv").read_text() == (whole / "measures.csv").read_text()
+    assert (resumed / layout.MEASURES).read_text() == (whole / layout.MEASURES).read_text()
 
 
 @pytest.mark.gpu
@@ -399,5 +400,5 @@ def test_on_cuda_with_graphs_the_instruments_change_nothing(synth_data_dir, tmp_
         pytest.skip("this GPU's kernels are not run-to-run deterministic: nothing to compare against")
     on = go("on", "measure=all", "measure_every=3")
     assert _record(off.path) == _record(on.path)
-    rows = list(csv.DictReader(open(on.path / "measures.csv")))
+    rows = list(csv.DictReader(open(on.path / layout.MEASURES)))
     assert {r["instrument"] for r in rows} == set(M.INSTRUMENTS)

@@ -86,7 +86,7 @@ def test_knobs_reach_the_layers(arch, cls):
 @pytest.mark.parametrize("name, arch, message", [
     ("lenet5", Arch(activation="swish"), "model.activation must be one of relu, sigmoid, tanh"),
     ("mlp_ioffe", Arch(activation="sigmoid", pool="avg", init="gaussian"), "mlp_ioffe has no pooling layers"),
-    ("lenet5", Arch(pool=None), "model.pool must be max or avg for lenet5"),
+    ("lenet5", Arch(pool=None), "model.pool must be one of max, avg for lenet5"),
     ("lenet5_d2l", Arch(init="he"), "model.init must be one of"),
 ])
 def test_impossible_knobs_are_refused(name, arch, message):

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import bnexp.nn
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bnF
 
 
 def test_backend_from_environment(monkeypatch):
-    monkeypatch.setattr(bnF, "_backend", None)
+    monkeypatch.setattr(dispatch, "_backend", None)
     monkeypatch.setenv(bnF.BACKEND_ENV, " Eager ")
     assert bnF.get_backend() == "eager"
-    monkeypatch.setattr(bnF, "_backend", None)
+    monkeypatch.setattr(dispatch, "_backend", None)
     monkeypatch.delenv(bnF.BACKEND_ENV)
     assert bnF.get_backend() == "auto"
 
@@ -33,9 +34,9 @@ def _broken_compiled(*args):
 @pytest.fixture
 def compilation_fails(monkeypatch):
     """Pretend compilation fails, as it does without a C++ compiler (CPU) or Triton (CUDA)."""
-    monkeypatch.setattr(bnF, "_compiled", {})
-    monkeypatch.setattr(bnF, "_compile", _broken_compiled)
-    monkeypatch.setattr(bnF, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compiled", {})
+    monkeypatch.setattr(dispatch, "_compile", _broken_compiled)
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
 
 
 def _train_step(seed=0):
@@ -67,7 +68,7 @@ def test_bad_input_is_not_mistaken_for_a_broken_compiler(compilation_fails):
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="size of tensor"):
             bnF.batch_norm(torch.randn(4, 3, 2, 2), None, None, torch.ones(5), None, training=True)
-    assert bnF._compile_broken == {}
+    assert dispatch._compile_broken == {}
 
 
 def test_compiled_backend_raises_instead_of_falling_back(compilation_fails):
@@ -76,11 +77,11 @@ def test_compiled_backend_raises_instead_of_falling_back(compilation_fails):
 
 
 def test_eager_backend_never_compiles(monkeypatch):
-    monkeypatch.setattr(bnF, "_compiled", {})
-    monkeypatch.setattr(bnF, "_compile", _broken_compiled)
+    monkeypatch.setattr(dispatch, "_compiled", {})
+    monkeypatch.setattr(dispatch, "_compile", _broken_compiled)
     with bnF.use_backend("eager"):
         _train_step()
-    assert bnF._compiled == {}
+    assert dispatch._compiled == {}
 
 
 # ----------------------------------------------------------------------------- make_norm

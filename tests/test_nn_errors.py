@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bnexp.nn
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bnF
 
 
@@ -89,7 +90,7 @@ def test_unknown_backend():
 
 
 def test_unknown_backend_from_environment(monkeypatch):
-    monkeypatch.setattr(bnF, "_backend", None)  # re-read the environment
+    monkeypatch.setattr(dispatch, "_backend", None)  # re-read the environment
     monkeypatch.setenv(bnF.BACKEND_ENV, "gpu")
     with pytest.raises(ValueError, match="BNEXP_BN_BACKEND.*'gpu'.*auto, compiled, eager"):
         bnexp.nn.BatchNorm2d(3)(torch.randn(2, 3, 2, 2))

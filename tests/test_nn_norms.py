@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import bnexp.nn
-from bnexp.nn import functional as bnF, groupnorm
+from bnexp.nn import dispatch, groupnorm
+from bnexp.nn import functional as bnF
 from bnexp.nn.ghostnorm import ghost_sizes
 from bnexp.nn.kinds import resolve_groups
 from test_nn_parity import check_inside_torch_compile
@@ -624,7 +625,7 @@ def test_gn_compiled_parity(layout, shape):
                              same_layout=kind != "in")
     kernels = [k for k in groupnorm._kernels.values() if k is not None]  # the bare Inductor calls, not functional's
     assert kernels and all(k._backward is not None for k in kernels), "nothing was compiled"
-    assert not any(key[0].startswith("group_") for key in bnF._compiled)
+    assert not any(key[0].startswith("group_") for key in dispatch._compiled)
 
 
 def _refuses_double_backward(layer):
@@ -641,7 +642,7 @@ def test_gn_double_backward_is_refused():
 @pytest.mark.slow
 def test_gn_compiled_odd_inputs_and_fallback(monkeypatch):
     """The bare kernels take dense arguments: a strided weight, an expanded gradient (sum().backward()) and
-    affine=False are made to fit; where the bare kernels cannot be built, functional's backends run (one warning)."""
+    affine=False are made to fit; where the bare kernels cannot be built, dispatch's backends run (one warning)."""
     x = _x((4, 6, 3, 5), torch.float32).requires_grad_()
     w, b = (torch.randn(12, dtype=torch.float32)[::2].requires_grad_() for _ in range(2))
     for weight, bias in ((w, b), (None, None)):
@@ -662,7 +663,7 @@ def test_gn_compiled_odd_inputs_and_fallback(monkeypatch):
     monkeypatch.setattr(groupnorm.inductor_call, "compile_inner", broken)
     with bnF.use_backend("compiled"), pytest.warns(RuntimeWarning, match="bare Inductor kernels failed"):
         torch.testing.assert_close(groupnorm.group_norm(x, 3), F.group_norm(x, 3), **TOL[torch.float32])
-    assert any(key[0] == "group_forward" for key in bnF._compiled), "functional's compiled kernels did not run"
+    assert any(key[0] == "group_forward" for key in dispatch._compiled), "dispatch's compiled kernels did not run"
 
 
 BRN_UNDER_AOT = pytest.mark.xfail(strict=True, reason="known bug: under an outer torch.compile (AOTAutograd) brn's "

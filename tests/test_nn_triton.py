@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bnexp.nn
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bnF
 
 pytest.importorskip("triton")
@@ -27,7 +28,7 @@ def triton_calls(monkeypatch):
         triton_bn._interpreted_kernels()
     except RuntimeError as err:
         pytest.skip(str(err))
-    monkeypatch.setattr(bnF, "_interpreter_warned", True)  # the interpreter is the point here: no warning
+    monkeypatch.setattr(dispatch, "_interpreter_warned", True)  # the interpreter is the point here: no warning
     calls = collections.Counter()
     for name in ("train_forward", "train_backward"):
         def spy(*args, _name=name, _fn=getattr(triton_bn, name), **kwargs):
@@ -129,8 +130,8 @@ def test_float64_takes_the_compiled_path(triton_calls, monkeypatch):
         compiled.append(name)
         return fn(*tensors, **consts)
 
-    monkeypatch.setattr(bnF, "_compiled_call", compiled_call)
-    monkeypatch.setattr(bnF, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compiled_call", compiled_call)
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
     check_parity(**MODES["float64"], steps=2)
     assert compiled == ["train_forward", "train_backward"] * 2
     assert triton_calls["train_forward"] == 0 and triton_calls["train_backward"] == 0
@@ -215,11 +216,11 @@ def test_view_as_acb(shape, fmt, expected):
 
 
 def test_resolved_backend_reports_triton_on_cuda(monkeypatch):
-    monkeypatch.setattr(bnF, "_triton_broken", {})
+    monkeypatch.setattr(dispatch, "_triton_broken", {})
     with bnF.use_backend("auto"):
         assert bnF.resolved_backend("cuda") == "triton"
         assert bnF.resolved_backend("cpu") in ("compiled", "eager")
-        monkeypatch.setitem(bnF._triton_broken, "cuda", "RuntimeError: simulated")
+        monkeypatch.setitem(dispatch._triton_broken, "cuda", "RuntimeError: simulated")
         assert bnF.resolved_backend("cuda") == "compiled"
     with bnF.use_backend("triton"):
         assert bnF.resolved_backend("cpu") == "triton"
@@ -230,8 +231,8 @@ def test_resolved_backend_reports_triton_on_cuda(monkeypatch):
 @pytest.fixture
 def fake_cuda_input(monkeypatch):
     """Stand-ins for a CUDA input and the compiled path: the control flow of `_run` under auto on CUDA."""
-    monkeypatch.setattr(bnF, "_triton_broken", {})
-    monkeypatch.setattr(bnF, "_compiled_or_eager", lambda name, fn, tensors, consts: "compiled")
+    monkeypatch.setattr(dispatch, "_triton_broken", {})
+    monkeypatch.setattr(dispatch, "_compiled_or_eager", lambda name, fn, tensors, consts: "compiled")
     return types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"))
 
 
@@ -242,41 +243,41 @@ def test_auto_falls_back_from_triton_once_and_warns(fake_cuda_input, monkeypatch
         attempts.append(name)
         raise RuntimeError("simulated: Triton compile error")
 
-    monkeypatch.setattr(bnF, "_triton_call", broken_triton)
+    monkeypatch.setattr(dispatch, "_triton_call", broken_triton)
     with bnF.use_backend("auto"):
         with pytest.warns(RuntimeWarning, match="Triton kernels failed on cuda.*simulated: Triton compile error"):
-            assert bnF._run("train_forward", None, (fake_cuda_input,), {}) == "compiled"
+            assert dispatch.run("train_forward", None, (fake_cuda_input,), {}) == "compiled"
         assert bnF.resolved_backend("cuda") == "compiled"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning, no second attempt
-            assert bnF._run("train_backward", None, (fake_cuda_input,), {}) == "compiled"
+            assert dispatch.run("train_backward", None, (fake_cuda_input,), {}) == "compiled"
     assert attempts == ["train_forward"]
     with bnF.use_backend("triton"), pytest.raises(RuntimeError, match="simulated"):  # triton: errors propagate
-        bnF._run("train_forward", None, (fake_cuda_input,), {})
+        dispatch.run("train_forward", None, (fake_cuda_input,), {})
 
 
 def test_auto_blames_the_input_when_the_fallback_fails_too(fake_cuda_input, monkeypatch):
     def failing(*args):
         raise ValueError("simulated: bad weight")
 
-    monkeypatch.setattr(bnF, "_triton_call", failing)
-    monkeypatch.setattr(bnF, "_compiled_or_eager", failing)
+    monkeypatch.setattr(dispatch, "_triton_call", failing)
+    monkeypatch.setattr(dispatch, "_compiled_or_eager", failing)
     with bnF.use_backend("auto"), warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="bad weight"):
-            bnF._run("train_forward", None, (fake_cuda_input,), {})
-    assert bnF._triton_broken == {}
+            dispatch.run("train_forward", None, (fake_cuda_input,), {})
+    assert dispatch._triton_broken == {}
 
 
 def test_auto_routes_float64_on_cuda_to_the_compiled_path(fake_cuda_input, monkeypatch):
-    monkeypatch.setattr(bnF, "_triton_call", lambda *args: pytest.fail("float64 reached the Triton kernels"))
+    monkeypatch.setattr(dispatch, "_triton_call", lambda *args: pytest.fail("float64 reached the Triton kernels"))
     fake_cuda_input.dtype = torch.float64
     with bnF.use_backend("auto"):
-        assert bnF._run("train_forward", None, (fake_cuda_input,), {}) == "compiled"
+        assert dispatch.run("train_forward", None, (fake_cuda_input,), {}) == "compiled"
 
 
 def test_triton_on_cpu_warns_once_that_it_is_the_interpreter(monkeypatch):
-    monkeypatch.setattr(bnF, "_interpreter_warned", False)
+    monkeypatch.setattr(dispatch, "_interpreter_warned", False)
     layer = bnexp.nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 2, 2)
     with bnF.use_backend("triton"):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import train as T
 from bnexp.cli import main
@@ -55,7 +56,7 @@ def test_bad_norm_settings_stop_before_any_run(capsys, synth_data_dir, tmp_path,
                  f"results_dir={tmp_path}", "epochs=1", "device=cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / L.RUNS_DIR).exists() or not any((tmp_path / L.RUNS_DIR).iterdir())
 
 
 @pytest.mark.parametrize("kind", [k for k in NORM_KINDS if k != "in"])
@@ -65,4 +66,4 @@ def test_every_kind_trains(synth_data_dir, tmp_path, kind):
                      "norm.ghost_size=16" if kind == "ghost" else "norm.noise=0.5"])
     with bn_functional.use_backend("eager"):
         result = T.run(cfg)
-    assert result.status == "completed" and result.run_id.split("-")[2] == kind
+    assert result.status == L.COMPLETED and result.run_id.split("-")[2] == kind

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 
+from bnexp import layout as L
 from bnexp import outcome as O
 
 LN10 = math.log(10)
@@ -29,17 +30,17 @@ TRAINED_LR05_4EP = [(1.84536, 0.3366), (0.686333, 0.735667), (0.546882, 0.79025)
 BN_LR05_3EP = [(1.30197, 0.564697), (0.659993, 0.768311), (0.496315, 0.823242)]
 
 
-def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, name="run", position="before"):
+def run_dir(tmp_path, epochs, status=L.COMPLETED, dead_layers=(), probe=True, name="run", position="before"):
     """A run directory with metrics.csv and, if `probe`, an activations.npz whose last epoch has the
     given layers' ReLU inputs all <= 0 (the others half positive, as a live layer's are)."""
     d = tmp_path / name
     d.mkdir()
-    with open(d / "metrics.csv", "w", newline="") as f:
+    with open(d / L.METRICS, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"])
+        w.writerow(L.METRIC_COLUMNS)
         for i, (loss, acc) in enumerate(epochs, start=1):
             w.writerow([i, loss, acc, loss, acc, 0.5, 1.0])
-    (d / "run.json").write_text(json.dumps({"status": status}))
+    (d / L.INFO).write_text(json.dumps({"status": status}))
     if probe:
         rng = np.random.default_rng(0)
         arrays = {}
@@ -50,13 +51,13 @@ def run_dir(tmp_path, epochs, status="completed", dead_layers=(), probe=True, na
                     relu_in = -np.abs(relu_in) - 0.03
                 relu_out = np.maximum(relu_in, 0)
                 # norm before the ReLU: its output is the ReLU's input; after it: its input is the ReLU's output
-                arrays[f"e{e}/{layer}/output"] = relu_in if position == "before" else rng.standard_normal(2000)
-                arrays[f"e{e}/{layer}/input"] = relu_in if position == "before" else relu_out
-        np.savez(d / "activations.npz", **arrays)
+                arrays[L.activation_key(e, layer, "output")] = relu_in if position == "before" else rng.standard_normal(2000)
+                arrays[L.activation_key(e, layer, "input")] = relu_in if position == "before" else relu_out
+        np.savez(d / L.ACTIVATIONS, **arrays)
     return d
 
 
-def label(d, status="completed", activation="relu", position="before"):
+def label(d, status=L.COMPLETED, activation="relu", position="before"):
     return O.classify_run(d, status, 10, activation, position)
 
 
@@ -100,14 +101,14 @@ def test_trained_runs(tmp_path):
 
 
 def test_diverged(tmp_path):
-    assert label(run_dir(tmp_path, BN_LR05_3EP), status="diverged").label == O.DIVERGED
-    assert O.classify("completed", 10, [0.5, math.nan], [0.8, 0.1]).label == O.DIVERGED
+    assert label(run_dir(tmp_path, BN_LR05_3EP), status=L.DIVERGED).label == O.DIVERGED
+    assert O.classify(L.COMPLETED, 10, [0.5, math.nan], [0.8, 0.1]).label == O.DIVERGED
 
 
 def test_a_loss_that_rose_well_above_its_best_epoch_is_unstable():
-    o = O.classify("completed", 10, [1.2, 0.6, 0.75], [0.6, 0.8, 0.75])
+    o = O.classify(L.COMPLETED, 10, [1.2, 0.6, 0.75], [0.6, 0.8, 0.75])
     assert o.label == O.UNSTABLE and o.why == "loss rose from 0.6000 (epoch 2) to 0.7500"
-    assert O.classify("completed", 10, [1.2, 0.6, 0.69], [0.6, 0.8, 0.75]).label == O.TRAINED  # +0.09: noise
+    assert O.classify(L.COMPLETED, 10, [1.2, 0.6, 0.69], [0.6, 0.8, 0.75]).label == O.TRAINED  # +0.09: noise
 
 
 def test_without_a_relu_probe_the_loss_trend_decides(tmp_path):
@@ -120,13 +121,13 @@ def test_without_a_relu_probe_the_loss_trend_decides(tmp_path):
 
 
 def test_chance_margins():
-    at = O.classify("completed", 10, [LN10 + 0.019], [0.1])
+    at = O.classify(L.COMPLETED, 10, [LN10 + 0.019], [0.1])
     assert at.label == O.AT_CHANCE
-    assert O.classify("completed", 10, [LN10 - 0.03], [0.1]).label == O.TRAINED       # below chance: learning
-    assert O.classify("completed", 10, [LN10 - 0.01], [0.25]).label == O.TRAINED      # accuracy above chance
-    assert O.classify("completed", 10, [LN10 + 0.049], [0.1]).label == O.AT_CHANCE     # not above chance yet
-    assert O.classify("completed", 10, [LN10 + 0.051], [0.1]).label == O.UNSTABLE
-    assert O.classify("completed", 100, [math.log(100) - 0.01], [0.01]).label == O.AT_CHANCE
+    assert O.classify(L.COMPLETED, 10, [LN10 - 0.03], [0.1]).label == O.TRAINED       # below chance: learning
+    assert O.classify(L.COMPLETED, 10, [LN10 - 0.01], [0.25]).label == O.TRAINED      # accuracy above chance
+    assert O.classify(L.COMPLETED, 10, [LN10 + 0.049], [0.1]).label == O.AT_CHANCE     # not above chance yet
+    assert O.classify(L.COMPLETED, 10, [LN10 + 0.051], [0.1]).label == O.UNSTABLE
+    assert O.classify(L.COMPLETED, 100, [math.log(100) - 0.01], [0.01]).label == O.AT_CHANCE
 
 
 def test_legend_states_every_threshold():
@@ -140,7 +141,7 @@ def test_legend_states_every_threshold():
 def test_the_rules_apply_in_the_legend_order():
     """Without a probe, a loss that came down to 2.2 and then sat flat at chance is dead (the dead
     rule comes before the rise rule), not unstable."""
-    o = O.classify("completed", 10, [2.25, 2.20, 2.3026, 2.3026, 2.3026], [0.2, 0.25, 0.1, 0.1, 0.1])
+    o = O.classify(L.COMPLETED, 10, [2.25, 2.20, 2.3026, 2.3026, 2.3026], [0.2, 0.25, 0.1, 0.1, 0.1])
     assert o.label == O.DEAD and "flat at chance" in o.why
     labels = [line.split("**")[1] for line in O.legend()]
     assert labels == [O.DIVERGED, O.DEAD, O.UNSTABLE, O.AT_CHANCE, O.TRAINED]

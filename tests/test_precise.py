@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import data, engine, precise, train as T
 from bnexp.cli import main
@@ -73,14 +74,14 @@ def _rows(path):
 def test_a_run_with_precise_bn_trains_exactly_like_one_without(tmp_path, synth_data_dir):
     off = T.run(_cfg(tmp_path, synth_data_dir))
     on = T.run(_cfg(tmp_path, synth_data_dir, "precise_bn=3"))
-    assert off.run_id != on.run_id and on.status == "completed"
-    assert _rows(off.path / "metrics.csv") == _rows(on.path / "metrics.csv")
-    assert (off.path / "steps.csv").read_bytes() == (on.path / "steps.csv").read_bytes()
-    rows = list(csv.DictReader(open(on.path / "precise.csv")))
+    assert off.run_id != on.run_id and on.status == L.COMPLETED
+    assert _rows(off.path / L.METRICS) == _rows(on.path / L.METRICS)
+    assert (off.path / L.STEPS).read_bytes() == (on.path / L.STEPS).read_bytes()
+    rows = list(csv.DictReader(open(on.path / L.PRECISE)))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["batches"] == "3" for r in rows)
     assert all(0 <= float(r["test_acc"]) <= 1 for r in rows)
-    assert not (off.path / "precise.csv").exists()
-    assert "precise" in json.loads((on.path / "run.json").read_text())["seconds"]
+    assert not (off.path / L.PRECISE).exists()
+    assert "precise" in json.loads((on.path / L.INFO).read_text())["seconds"]
 
 
 def test_precise_bn_off_keeps_run_ids(tmp_path, synth_data_dir):
@@ -97,4 +98,4 @@ def test_bad_precise_bn_is_one_line(tmp_path, synth_data_dir, extra, words, caps
         _cfg(tmp_path, synth_data_dir, *extra)
     assert main(["train", f"results_dir={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and not (tmp_path / "runs").exists()
+    assert len(err) == 1 and words in err[0] and not (tmp_path / L.RUNS_DIR).exists()

@@ -5,6 +5,7 @@ including presets made of arms, and each run end to end with shrunk sizes."""
 import pytest
 from omegaconf import OmegaConf
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp.errors import BnexpError
@@ -71,9 +72,9 @@ def test_preset_runs_end_to_end(synth_data_dir, tmp_path, name):
     pl = S.plan(shrink, preset=name)
     with bn_functional.use_backend("eager"):
         res = S.run_sweep(pl)
-    assert [r.status for r in res.results] == ["completed"] * len(pl.points), [r.message for r in res.results]
+    assert [r.status for r in res.results] == [L.COMPLETED] * len(pl.points), [r.message for r in res.results]
     if name == "ioffe_fig1":
-        assert all((r.path / "evals.csv").is_file() for r in res.results)
+        assert all((r.path / L.EVALS).is_file() for r in res.results)
     if name == "small_batch_norms":  # the batch-size figure holds every kind of the context
         from bnexp.report import write_report
 

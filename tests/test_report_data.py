@@ -5,6 +5,7 @@ import math
 import pytest
 from runfactory import CHANCE_10, damage, fake_group, fake_run
 
+from bnexp import layout as L
 from bnexp.errors import BnexpError
 from bnexp.reference import load_reference
 from bnexp.report import aggregate as agg
@@ -36,7 +37,7 @@ def test_load_flattens_config_and_run_json(tmp_path):
     runs = load_runs(tmp_path)
     row = runs.runs.iloc[0]
     assert row["model.name"] == "lenet5" and row["norm.kind"] == "none" and row["bn"] == "off"
-    assert row["lr"] == 0.5 and row["seed"] == 3 and row["status"] == "completed"
+    assert row["lr"] == 0.5 and row["seed"] == 3 and row["status"] == L.COMPLETED
     assert row["train_loss"] == pytest.approx(0.25) and row["test_acc"] == pytest.approx(0.87)
     assert len(runs.epochs) == 20 and len(runs.steps) == 20 * 7
     assert set(runs.steps["run_id"].astype(str)) == {row["run_id"]}
@@ -45,9 +46,9 @@ def test_load_flattens_config_and_run_json(tmp_path):
 
 def test_unquoted_yaml_on_is_read_as_bn_on(tmp_path):
     d = fake_run(tmp_path, bn="on")
-    text = (d / "config.yaml").read_text()
+    text = (d / L.CONFIG).read_text()
     assert "bn: 'on'" in text
-    (d / "config.yaml").write_text(text.replace("bn: 'on'", "bn: on"))   # YAML 1.1 reads this as True
+    (d / L.CONFIG).write_text(text.replace("bn: 'on'", "bn: on"))   # YAML 1.1 reads this as True
     assert load_runs(tmp_path).runs["bn"].tolist() == ["on"]
 
 
@@ -66,9 +67,9 @@ def test_malformed_run_dirs_are_skipped_or_kept_with_a_warning(tmp_path, what, k
 
 def test_running_and_failed_runs_may_lack_files_without_warnings(tmp_path):
     fake_run(tmp_path, seed=0)
-    d = fake_run(tmp_path, seed=1, status="running", epochs_done=0)
-    (d / "steps.csv").unlink()
-    (d / "metrics.csv").unlink()
+    d = fake_run(tmp_path, seed=1, status=L.RUNNING, epochs_done=0)
+    (d / L.STEPS).unlink()
+    (d / L.METRICS).unlink()
     runs = load_runs(tmp_path)
     assert len(runs.runs) == 2 and runs.warnings == []
 
@@ -76,8 +77,8 @@ def test_running_and_failed_runs_may_lack_files_without_warnings(tmp_path):
 def test_completed_run_without_any_final_numbers_is_skipped(tmp_path):
     fake_run(tmp_path, seed=0)
     d = fake_run(tmp_path, seed=1)
-    (d / "run.json").write_text((d / "run.json").read_text().replace('"final": {', '"old_final": {'))
-    (d / "metrics.csv").write_text("epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds\n")
+    (d / L.INFO).write_text((d / L.INFO).read_text().replace('"final": {', '"old_final": {'))
+    (d / L.METRICS).write_text("epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds\n")
     runs = load_runs(tmp_path)
     assert d.name not in set(runs.runs["run_id"])
     assert any("no final metrics" in w for w in runs.warnings)
@@ -85,20 +86,20 @@ def test_completed_run_without_any_final_numbers_is_skipped(tmp_path):
 
 def test_final_falls_back_to_last_metrics_row(tmp_path):
     d = fake_run(tmp_path, train_loss=0.2)
-    (d / "run.json").write_text((d / "run.json").read_text().replace('"final": {', '"old_final": {'))
+    (d / L.INFO).write_text((d / L.INFO).read_text().replace('"final": {', '"old_final": {'))
     assert load_runs(tmp_path).runs["train_loss"].iloc[0] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("setup", ["missing", "empty", "only_files"])
 def test_no_runs_is_one_line_error_naming_the_place_and_command(tmp_path, setup):
     if setup != "missing":
-        (tmp_path / "runs").mkdir()
+        (tmp_path / L.RUNS_DIR).mkdir()
     if setup == "only_files":
-        (tmp_path / "runs" / "notes.txt").write_text("x")
+        (tmp_path / L.RUNS_DIR / "notes.txt").write_text("x")
     with pytest.raises(BnexpError) as e:
         load_runs(tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and str(tmp_path / "runs") in msg and "bnexp sweep" in msg
+    assert "\n" not in msg and str(tmp_path / L.RUNS_DIR) in msg and "bnexp sweep" in msg
 
 
 def test_all_run_dirs_unreadable_is_an_error(tmp_path):
@@ -171,8 +172,8 @@ def test_dead_and_diverged_classification(tmp_path):
     fake_run(tmp_path, seed=1, train_loss=CHANCE_10 - 0.03, train_acc=0.10)    # loss just outside: alive
     fake_run(tmp_path, seed=2, train_loss=CHANCE_10 - 0.01, train_acc=0.25)    # learning: accuracy above chance
     fake_run(tmp_path, seed=3, diverged_epoch=3)                               # diverged
-    fake_run(tmp_path, seed=4, status="running", epochs_done=2)
-    fake_run(tmp_path, seed=5, status="failed", epochs_done=1)
+    fake_run(tmp_path, seed=4, status=L.RUNNING, epochs_done=2)
+    fake_run(tmp_path, seed=5, status=L.FAILED, epochs_done=1)
     fake_run(tmp_path, seed=0, config={"data.name": "cifar100"}, train_loss=math.log(100) - 0.01, train_acc=0.01)
     runs = load_runs(tmp_path)
     out = dict(zip(zip(runs.runs["data.name"], runs.runs["seed"]), agg.classify(runs, REF.num_classes)["outcome"]))
@@ -183,8 +184,8 @@ def test_dead_and_diverged_classification(tmp_path):
 
 def test_completed_run_with_non_finite_loss_counts_as_diverged(tmp_path):
     d = fake_run(tmp_path)
-    text = (d / "run.json").read_text()
-    (d / "run.json").write_text(text.replace('"train_loss": 0.3', '"train_loss": NaN'))
+    text = (d / L.INFO).read_text()
+    (d / L.INFO).write_text(text.replace('"train_loss": 0.3', '"train_loss": NaN'))
     runs = load_runs(tmp_path)
     assert agg.classify(runs, REF.num_classes)["outcome"].tolist() == ["diverged"]
 
@@ -205,8 +206,8 @@ def test_split_outcomes_text_and_diverged_excluded_from_mean(tmp_path):
 
 def test_running_and_failed_runs_are_not_aggregated(tmp_path):
     fake_group(tmp_path, [0.2, 0.4])
-    fake_run(tmp_path, seed=5, status="running", epochs_done=3, train_loss=9.0)
-    fake_run(tmp_path, seed=6, status="failed", epochs_done=1, train_loss=9.0)
+    fake_run(tmp_path, seed=5, status=L.RUNNING, epochs_done=3, train_loss=9.0)
+    fake_run(tmp_path, seed=6, status=L.FAILED, epochs_done=1, train_loss=9.0)
     g = groups_of(tmp_path).iloc[0]
     assert g["n_runs"] == 2 and g["train_loss_mean"] == pytest.approx(0.3)
 

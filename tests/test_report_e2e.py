@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bnexp import layout as L
 from bnexp.cli import main
 
 
@@ -26,9 +27,9 @@ def test_sweep_then_report(synth_data_dir, tmp_path, capsys):
 
     # The group table holds exactly the seed means of the runs' own run.json numbers.
     finals = {}
-    for run_json in (results / "runs").glob("*/run.json"):
+    for run_json in (results / L.RUNS_DIR).glob("*/run.json"):
         info = json.loads(run_json.read_text())
-        cfg = (run_json.parent / "config.yaml").read_text()
+        cfg = (run_json.parent / L.CONFIG).read_text()
         key = ("bn: 'on'" in cfg or "bn: on" in cfg, "lr: 0.5" in cfg)
         finals.setdefault(key, []).append(info["final"]["train_loss"])
     groups = pd.read_csv(report / "groups.csv")

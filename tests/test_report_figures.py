@@ -1,6 +1,7 @@
 """Report figures: titles that fit, file names that identify their context, ticks and markers."""
 import pandas as pd
 
+from bnexp import layout as L
 from bnexp.report.figure_plan import fig_name
 from bnexp.report.figures import _new, _titles, title_lines
 
@@ -103,10 +104,10 @@ def test_loss_figure_marks_a_spike_above_its_y_limit(tmp_path, monkeypatch):
     for lr in (0.1, 0.5):
         for bn in ("on", "off"):
             fake_group(tmp_path, [0.2, 0.22], lr=lr, bn=bn, epochs=3, steps_per_epoch=40)
-    run = next(d for d in (tmp_path / "runs").iterdir() if "-none-" in d.name and "lr0.5" in d.name)
-    st = pd.read_csv(run / "steps.csv")
+    run = next(d for d in (tmp_path / L.RUNS_DIR).iterdir() if "-none-" in d.name and "lr0.5" in d.name)
+    st = pd.read_csv(run / L.STEPS)
     st.loc[st.index[50:53], "loss"] = 40.0
-    st.to_csv(run / "steps.csv", index=False)
+    st.to_csv(run / L.STEPS, index=False)
     figs = {}
     monkeypatch.setenv("BNEXP_REPORT_JOBS", "1")
     monkeypatch.setattr(F, "_save", lambda fig, path: (figs.setdefault(path.name.split("_")[0], fig), path)[1])

@@ -1,5 +1,6 @@
 """The report's reproduction of Ioffe & Szegedy's Figure 1, from real tiny mlp_ioffe runs with eval_every."""
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import train as T
 from bnexp.nn import functional as bn_functional
@@ -14,7 +15,7 @@ def test_ioffe_figure_from_runs_with_mid_epoch_evaluations(synth_data_dir, tmp_p
     with bn_functional.use_backend("eager"):
         for bn in ("on", "off"):
             for seed in (0, 1):
-                assert T.run(C.compose(base + [f"bn={bn}", f"seed={seed}"])).status == "completed"
+                assert T.run(C.compose(base + [f"bn={bn}", f"seed={seed}"])).status == L.COMPLETED
         # the same runs without evaluations make no Figure 6
         T.run(C.compose(base[:-2] + ["bn=on"]))
     result = write_report(results, tmp_path / "report", [], "md")

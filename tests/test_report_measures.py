@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from runfactory import fake_run
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import measures_format as MF
 from bnexp import sweep as S
@@ -190,7 +191,7 @@ def test_presets_ask_for_the_instruments_in_their_arms():
         assert f" {n} runs " in line
 
 
-HAS_MEASURE = "measure" in OmegaConf.load(C.CONF_DIR / "config.yaml")
+HAS_MEASURE = "measure" in OmegaConf.load(C.CONF_DIR / L.CONFIG)
 after_merge = pytest.mark.skipif(not HAS_MEASURE, reason="needs the `measure` config keys of branch h15core")
 
 
@@ -214,7 +215,7 @@ def test_measure_presets_run_and_report_end_to_end(synth_data_dir, tmp_path):
     with bn_functional.use_backend("eager"):
         for name in ("landscape", "ics", "weight_decay"):
             res = S.run_sweep(S.plan(shrink + ["lr=0.1"], preset=name))
-            assert [r.status for r in res.results] == ["completed"] * len(res.results)
+            assert [r.status for r in res.results] == [L.COMPLETED] * len(res.results)
             assert all((r.path / MF.FILE_NAME).is_file() for r in res.results)
     result = write_report(tmp_path, tmp_path / "report", [], "md")
     drawn = {f.name.split("_")[0] for f in result.figures}

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from runfactory import CHANCE_10, damage, fake_group, fake_run
 
+from bnexp import layout as L
 import bnexp
 from bnexp.outcome import legend as outcome_legend
 from bnexp.errors import BnexpError
@@ -31,8 +32,8 @@ def rich(tmp_path_factory):
     for bn in ("on", "off"):
         fake_run(root, config=alex, lr=0.001, batch_size=256, epochs=6, bn=bn, train_loss=0.5, train_acc=0.9,
                  test_acc=0.55 if bn == "on" else 0.4, steps_per_epoch=6)
-    fake_run(root, lr=0.2, seed=0, status="running", epochs_done=3)
-    fake_run(root, lr=0.2, seed=1, status="failed", epochs_done=1)
+    fake_run(root, lr=0.2, seed=0, status=L.RUNNING, epochs_done=3)
+    fake_run(root, lr=0.2, seed=1, status=L.FAILED, epochs_done=1)
     broken = damage(fake_run(root, lr=0.7), "bad_yaml")
     result = write_report(root, fmt="both")
     return root, result, broken
@@ -42,7 +43,7 @@ def test_result_counts_paths_and_summary(rich):
     root, r, broken = rich
     assert r.out_dir == root / "report"
     assert [p.name for p in r.reports] == ["report.md", "report.html"]
-    assert r.n_runs == 20 and r.n_by_status == {"completed": 18, "interrupted": 1, "failed": 1}
+    assert r.n_runs == 20 and r.n_by_status == {L.COMPLETED: 18, L.INTERRUPTED: 1, L.FAILED: 1}
     assert r.n_skipped == 1 and any(str(broken) in w and "config.yaml" in w for w in r.warnings)
     assert r.n_groups == 10
     assert "20 runs" in r.summary and "wrote" in r.summary and all(p.is_file() for p in r.files)
@@ -116,8 +117,8 @@ def test_csv_tables_hold_the_numbers(rich):
     assert ref.loc[(ref["label"] == "lr=0.5, bn=off") & (ref["metric"] == "train_loss"), "verdict"].iloc[0] \
         == "partly reproduced: dead in 1 of 3 seeds"
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 20 and set(runs["status"]) == {"completed", "interrupted", "failed"}
-    assert runs.loc[runs["status"] == "interrupted", "group"].isna().all()
+    assert len(runs) == 20 and set(runs["status"]) == {L.COMPLETED, L.INTERRUPTED, L.FAILED}
+    assert runs.loc[runs["status"] == L.INTERRUPTED, "group"].isna().all()
 
 
 def test_formats_where_filter_and_stale_outputs(rich, tmp_path):
@@ -161,7 +162,7 @@ def test_malformed_runs_do_not_stop_the_report(tmp_path):
     damage(fake_run(tmp_path, seed=5, epochs=4), "garbage_steps")
     damage(fake_run(tmp_path, seed=6, epochs=4), "bad_npz")
     damage(fake_run(tmp_path, seed=7, epochs=4), "no_run_json")
-    (tmp_path / "runs" / "stray-file.txt").write_text("ignored")
+    (tmp_path / L.RUNS_DIR / "stray-file.txt").write_text("ignored")
     r = write_report(tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert r.n_runs == 4 and r.n_skipped == 1
@@ -183,7 +184,7 @@ def test_binned_steps_match_a_plain_groupby_and_skip_unaggregated_runs(tmp_path)
     from bnexp.report.load import load_runs
     a = fake_run(tmp_path, seed=0, steps_per_epoch=40, epochs=20)               # 800 steps -> bins of 3
     b = fake_run(tmp_path, seed=1, steps_per_epoch=40, epochs=20, diverged_epoch=5)
-    c = fake_run(tmp_path, seed=2, status="running", epochs_done=3, steps_per_epoch=40)
+    c = fake_run(tmp_path, seed=2, status=L.RUNNING, epochs_done=3, steps_per_epoch=40)
     steps = load_runs(tmp_path).steps
     out, spe = binned_steps(steps, pd.Series({a.name: "G1", b.name: "G1"}))
     assert set(out["run_id"]) == {a.name, b.name} and c.name not in set(out["run_id"])
@@ -198,8 +199,8 @@ def test_binned_steps_match_a_plain_groupby_and_skip_unaggregated_runs(tmp_path)
 
 
 def test_only_running_and_failed_runs_still_give_a_report(tmp_path):
-    fake_run(tmp_path, seed=0, status="running", epochs_done=2, steps_per_epoch=3)
-    fake_run(tmp_path, seed=1, status="failed", epochs_done=0)
+    fake_run(tmp_path, seed=0, status=L.RUNNING, epochs_done=2, steps_per_epoch=3)
+    fake_run(tmp_path, seed=1, status=L.FAILED, epochs_done=0)
     r = write_report(tmp_path, fmt="both")
     md = (tmp_path / "report" / "report.md").read_text()
     assert r.n_groups == 0 and r.figures == [] and "No figures: no aggregated runs." in md
@@ -254,7 +255,7 @@ def test_html_renders_code_and_links_figures_and_runs(rich):
     out = root / "report"
     assert all((out / h).is_file() for h in hrefs)
     runs = pd.read_csv(out / "runs.csv")
-    want = set(runs.loc[runs["status"].isin(("completed", "diverged", "interrupted", "failed")), "run_id"])
+    want = set(runs.loc[runs["status"].isin((L.COMPLETED, L.DIVERGED, L.INTERRUPTED, L.FAILED)), "run_id"])
     assert want <= {(out / h).resolve().parent.name for h in hrefs}
     md = (out / "report.md").read_text()
     assert re.search(r"\[s0\]\(\.\./runs/[^)]+/run\.json\)", md)           # Markdown has the same links

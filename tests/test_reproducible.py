@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import execution, train as T
+from bnexp.nn import dispatch
 from bnexp.nn import functional as bn_functional
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +63,15 @@ def bnexp(env, *args, die_after=None, check=True):
 
 
 def seed0_run(results: Path) -> Path:
-    [run] = [p for p in (results / "runs").iterdir() if "-s0-" in p.name]
+    [run] = [p for p in (results / L.RUNS_DIR).iterdir() if "-s0-" in p.name]
     return run
 
 
 def record(run: Path) -> tuple[str, str]:
     """metrics.csv without its wall-clock column, and steps.csv: what must be byte-identical."""
-    metrics = "".join(line.rsplit(",", 1)[0] + "\n" for line in (run / "metrics.csv").read_text().splitlines())
+    metrics = "".join(line.rsplit(",", 1)[0] + "\n" for line in (run / L.METRICS).read_text().splitlines())
     assert metrics.startswith("epoch,train_loss,train_acc,test_loss,test_acc,lr\n")
-    return metrics, (run / "steps.csv").read_text()
+    return metrics, (run / L.STEPS).read_text()
 
 
 @pytest.mark.slow
@@ -77,7 +79,7 @@ def test_train_sweep_jobs_1_and_2_and_resumes_across_them_give_identical_numbers
     args, env = setup
     bnexp(env, "train", *args, f"results_dir={tmp_path / 'train'}")
     reference = record(seed0_run(tmp_path / "train"))
-    info = json.loads((seed0_run(tmp_path / "train") / "run.json").read_text())
+    info = json.loads((seed0_run(tmp_path / "train") / L.INFO).read_text())
     assert info["execution"]["threads"] == 2 and info["execution"]["bn_backend"] == "eager"
 
     bnexp(env, "sweep", "--jobs", 1, *args, f"results_dir={tmp_path / 'jobs1'}")
@@ -94,7 +96,7 @@ def test_train_sweep_jobs_1_and_2_and_resumes_across_them_give_identical_numbers
     # the seed-0 worker of a two-worker sweep killed after epoch 2, resumed by `bnexp train`
     bnexp(env, "sweep", "--jobs", 2, *args, "seed=0,1", f"results_dir={tmp_path / 'k2'}", die_after=2, check=False)
     run = seed0_run(tmp_path / "k2")
-    assert json.loads((run / "run.json").read_text())["status"] != "completed"
+    assert json.loads((run / L.INFO).read_text())["status"] != L.COMPLETED
     out = bnexp(env, "train", *args, f"results_dir={tmp_path / 'k2'}").stdout
     assert "resumed after epoch 2" in out
     assert record(run) == reference
@@ -106,19 +108,19 @@ def test_a_resume_under_other_execution_settings_is_refused_and_touches_nothing(
     results = tmp_path / "r"
     bnexp(env, "train", *args, f"results_dir={results}", die_after=1)
     run = seed0_run(results)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != L.LOCK}
     refused = bnexp(env, "train", *[a for a in args if a != "threads=2"], "threads=1", f"results_dir={results}",
                     check=False)
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "threads 2 then, 1 now" in line and "rerun with threads=2 to resume it" in line and "--force" in line
     # (.lock names whoever held the run last: the refused attempt did, while it checked)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != L.LOCK} == before
     # the same through a sweep: that run fails with the reason, the others are trained, run.json is kept
     swept = bnexp(env, "sweep", *[a for a in args if a != "threads=2"], "threads=1", "seed=0,1",
                   f"results_dir={results}", check=False)
     assert swept.returncode == 1 and "execution settings" in swept.stdout
-    assert (run / "run.json").read_bytes() == before["run.json"]
+    assert (run / L.INFO).read_bytes() == before[L.INFO]
     resumed = bnexp(env, "train", *args, f"results_dir={results}")
     assert "resumed after epoch 1" in resumed.stdout
 
@@ -148,7 +150,6 @@ def test_threads_and_backend_are_config_keys_outside_the_run_id():
         cfg = C.compose(extra)
         assert C.run_id(cfg) == C.run_id(base)
     assert C.compose(["threads=3"]).threads == 3
-    assert C.BN_BACKENDS == bn_functional.BACKENDS  # config's torch-free copy
 
 
 @pytest.mark.parametrize("override, message", [("threads=0", "threads must be auto or a positive integer"),
@@ -171,9 +172,9 @@ def test_auto_falls_back_before_the_first_step_and_is_then_pinned(synth_data_dir
     def broken(*a, **k):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(bn_functional, "_compile", broken)
-    monkeypatch.setattr(bn_functional, "_compiled", {})  # kernels compiled by earlier tests would be reused
-    monkeypatch.setattr(bn_functional, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compile", broken)
+    monkeypatch.setattr(dispatch, "_compiled", {})  # kernels compiled by earlier tests would be reused
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
     cfg = _cfg(synth_data_dir, tmp_path, "norm.backend=auto", "model=alexnet_cifar", "data=cifar100", "model.dropout=0.5")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -186,25 +187,25 @@ def test_auto_falls_back_before_the_first_step_and_is_then_pinned(synth_data_dir
     fresh = plain.model.state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in s.model.state_dict().items())  # running stats included
     result = T.run(cfg)
-    info = json.loads((result.path / "run.json").read_text())
-    assert result.status == "completed" and info["execution"]["bn_backend"] == "eager"
+    info = json.loads((result.path / L.INFO).read_text())
+    assert result.status == L.COMPLETED and info["execution"]["bn_backend"] == "eager"
 
 
 def test_a_pinned_backend_never_falls_back_mid_run(synth_data_dir, tmp_path, monkeypatch):
     """Once pinned to `compiled`, a kernel that fails later fails the run (recorded) instead of silently
     switching to eager for the rest of it."""
     cfg = _cfg(synth_data_dir, tmp_path, "norm.backend=auto")
-    monkeypatch.setattr(bn_functional, "_compile_broken", {})
+    monkeypatch.setattr(dispatch, "_compile_broken", {})
     monkeypatch.setattr(execution, "pin_bn_backend", lambda *a, **k: "compiled")
 
     def broken(*a, **k):
         raise RuntimeError("kernel failed at step 3")
 
-    monkeypatch.setattr(bn_functional, "_compiled_call", broken)
+    monkeypatch.setattr(dispatch, "_compiled_call", broken)
     with pytest.raises(RuntimeError, match="kernel failed"):
         T.run(cfg)
-    info = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
-    assert info["status"] == "failed" and info["execution"]["bn_backend"] == "compiled"
+    info = json.loads(next((tmp_path / L.RUNS_DIR).glob("*/run.json")).read_text())
+    assert info["status"] == L.FAILED and info["execution"]["bn_backend"] == "compiled"
 
 
 def test_run_restores_the_callers_thread_count_and_backend(synth_data_dir, tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import json
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import train as T
 from bnexp.nn import functional as bn_functional
@@ -20,8 +21,8 @@ def _rows(path):
 
 
 def _numbers(run):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(run / "metrics.csv")], \
-        (run / "steps.csv").read_text()
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(run / L.METRICS)], \
+        (run / L.STEPS).read_text()
 
 
 def test_evals_every_n_steps_leave_the_training_numbers_alone(synth_data_dir, tmp_path):
@@ -30,15 +31,15 @@ def test_evals_every_n_steps_leave_the_training_numbers_alone(synth_data_dir, tm
         evals = T.run(_cfg(synth_data_dir, tmp_path / "b", "eval_every=3"))
     assert plain.run_id != evals.run_id  # the run holds other records: another run
     assert _numbers(plain.path) == _numbers(evals.path)
-    rows = _rows(evals.path / "evals.csv")
+    rows = _rows(evals.path / L.EVALS)
     assert [int(r["step"]) for r in rows] == list(range(3, 16 + 1, 3))  # 8 steps per epoch, 2 epochs
     assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2, 2]
-    assert not (plain.path / "evals.csv").exists()
+    assert not (plain.path / L.EVALS).exists()
     # at an epoch's last step the evaluation is the epoch's own test evaluation
     at_end = T.run(_cfg(synth_data_dir, tmp_path / "c", "eval_every=8"))
-    ends = _rows(at_end.path / "evals.csv")
-    assert [r["test_acc"] for r in ends] == [r["test_acc"] for r in _rows(at_end.path / "metrics.csv")]
-    info = json.loads((at_end.path / "run.json").read_text())
+    ends = _rows(at_end.path / L.EVALS)
+    assert [r["test_acc"] for r in ends] == [r["test_acc"] for r in _rows(at_end.path / L.METRICS)]
+    info = json.loads((at_end.path / L.INFO).read_text())
     assert info["seconds"]["eval"] > 0
 
 
@@ -49,7 +50,7 @@ def test_eval_every_zero_keeps_the_run_id():
 def test_lr_scale_batch_applies_the_linear_scaling_rule(synth_data_dir, tmp_path):
     with bn_functional.use_backend("eager"):
         r = T.run(_cfg(synth_data_dir, tmp_path, "lr=0.4", "lr_scale_batch=128", "epochs=1"))
-    assert [float(row["lr"]) for row in _rows(r.path / "metrics.csv")] == [0.4 * 32 / 128]
+    assert [float(row["lr"]) for row in _rows(r.path / L.METRICS)] == [0.4 * 32 / 128]
     assert C.run_id(C.compose(["lr_scale_batch=null"])) == C.run_id(C.compose([]))
     assert C.run_id(C.compose(["lr_scale_batch=256"])) != C.run_id(C.compose([]))
 

@@ -15,6 +15,7 @@ import pytest
 from runfactory import fake_run
 from test_sweep import HeldLock, base, cli, eager_bn  # noqa: F401 (fixtures)
 
+from bnexp import layout as L
 from bnexp import sweep as S
 from bnexp.report import write_report
 from bnexp.report.load import load_runs
@@ -40,7 +41,7 @@ def modes(root: Path) -> dict[str, int]:
 def test_run_files_are_created_as_open_would_with_the_umask(base, umask, mask):
     umask(mask)
     r = S.run_sweep(S.plan(base + ["bn=on", "lr=0.1"])).results[0]
-    assert r.status == "completed"
+    assert r.status == L.COMPLETED
     got = modes(r.path)
     names = {Path(n).name.split(".")[0] or Path(n).name for n in got}
     assert {"run", "config", "metrics", "steps", "activations", "checkpoint", "events", ".lock"} <= \
@@ -51,23 +52,23 @@ def test_run_files_are_created_as_open_would_with_the_umask(base, umask, mask):
     assert not [n for n in got if n.endswith(".tmp")]  # no temp file left behind
     # a rewrite keeps following the umask (the temp file is created afresh each time)
     umask(0o007)
-    atomic_write_text(r.path / "run.json", (r.path / "run.json").read_text())
-    assert stat.S_IMODE((r.path / "run.json").stat().st_mode) == 0o660
+    atomic_write_text(r.path / L.INFO, (r.path / L.INFO).read_text())
+    assert stat.S_IMODE((r.path / L.INFO).stat().st_mode) == 0o660
 
 
 def test_the_lock_file_names_its_holder_and_a_contender_does_not_erase_it(tmp_path):
     a, b = RunDir(tmp_path, "r"), RunDir(tmp_path, "r")
     assert a.acquire()
-    text = (a.path / ".lock").read_text()
+    text = (a.path / L.LOCK).read_text()
     assert text == f"{os.getpid()} {socket.gethostname()}\n"
     assert not b.acquire() and not b.lock_free()
-    assert (a.path / ".lock").read_text() == text  # opened without truncating
+    assert (a.path / L.LOCK).read_text() == text  # opened without truncating
     assert b.lock_holder() == f"pid {os.getpid()} on {socket.gethostname()}" and b.lock_holder_pid() == os.getpid()
     a.release()
     assert b.lock_free() and b.acquire()
     b.release()
     assert RunDir(tmp_path, "never-created").lock_free()
-    assert not (tmp_path / "runs" / "never-created").exists()  # asking creates nothing
+    assert not (tmp_path / L.RUNS_DIR / "never-created").exists()  # asking creates nothing
 
 
 HOLD = """
@@ -101,7 +102,7 @@ def test_a_stopped_lock_holder_is_named_and_the_sweep_gives_up_after_wait(capsys
         assert "1 completed, 0 skipped, 0 diverged, 0 failed, 1 busy" in out
         assert out.count("gave up waiting") >= 2  # the progress line and the summary's note column
         assert waited < 60
-        assert not (Path(held.cfg.results_dir) / "runs" / held.run_id / "run.json").exists()  # not touched
+        assert not (Path(held.cfg.results_dir) / L.RUNS_DIR / held.run_id / L.INFO).exists()  # not touched
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
@@ -112,8 +113,8 @@ def test_a_stopped_lock_holder_is_named_and_the_sweep_gives_up_after_wait(capsys
 
 def test_a_busy_run_is_waited_for_with_its_holder_named_then_trained(base):
     pl = S.plan(base + ["lr=0.1", "bn=on"])
-    lock = HeldLock(Path(pl.points[0].cfg.results_dir) / "runs" / pl.points[0].run_id)
-    (Path(pl.points[0].cfg.results_dir) / "runs" / pl.points[0].run_id / ".lock").write_text("4242 elsewhere\n")
+    lock = HeldLock(Path(pl.points[0].cfg.results_dir) / L.RUNS_DIR / pl.points[0].run_id)
+    (Path(pl.points[0].cfg.results_dir) / L.RUNS_DIR / pl.points[0].run_id / L.LOCK).write_text("4242 elsewhere\n")
     lines = []
 
     def on_wait(line):
@@ -122,23 +123,23 @@ def test_a_busy_run_is_waited_for_with_its_holder_named_then_trained(base):
 
     res = S.run_sweep(pl, poll=0.05, wait=None, on_wait=on_wait)
     assert lines == [f"waiting for {pl.points[0].run_id}: held by pid 4242 on elsewhere"]
-    assert [r.status for r in res.results] == ["completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED]
 
 
 def test_a_dead_running_run_is_reported_interrupted(tmp_path):
     fake_run(tmp_path, seed=0)
-    dead = fake_run(tmp_path, seed=1, status="running", epochs_done=2)
-    alive = fake_run(tmp_path, seed=2, status="running", epochs_done=1)
+    dead = fake_run(tmp_path, seed=1, status=L.RUNNING, epochs_done=2)
+    alive = fake_run(tmp_path, seed=2, status=L.RUNNING, epochs_done=1)
     lock = HeldLock(alive)
     try:
         before = modes(tmp_path)
         runs = load_runs(tmp_path)
         status = dict(zip(runs.runs["run_id"], runs.runs["status"]))
-        assert status[dead.name] == "interrupted" and status[alive.name] == "running"
-        assert json.loads((dead / "run.json").read_text())["status"] == "running"  # read-time only
+        assert status[dead.name] == L.INTERRUPTED and status[alive.name] == L.RUNNING
+        assert json.loads((dead / L.INFO).read_text())["status"] == L.RUNNING  # read-time only
         assert modes(tmp_path) == before  # reading created nothing (no .lock in the dead run)
         r = write_report(tmp_path)
-        assert r.n_by_status == {"completed": 1, "interrupted": 1, "running": 1}
+        assert r.n_by_status == {L.COMPLETED: 1, L.INTERRUPTED: 1, L.RUNNING: 1}
         md = (tmp_path / "report" / "report.md").read_text()
         assert "1 running, 1 interrupted, 1 completed" in md
         assert "## Runs not aggregated (running / interrupted / failed)" in md

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from bnexp import layout
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp import train as T
@@ -144,15 +145,15 @@ def test_bad_input_is_one_line_before_anything_runs(capsys, base, args, message)
 def test_rerun_skips_completed_runs_without_rewriting_a_file(base):
     pl = S.plan(base + ["lr=0.1"])
     first = S.run_sweep(pl)
-    assert [r.status for r in first.results] == ["completed", "completed"]
+    assert [r.status for r in first.results] == [layout.COMPLETED, layout.COMPLETED]
     for p, r in zip(pl.points, first.results):  # the directory `bnexp train` would use
-        assert r.path == Path(p.cfg.results_dir) / "runs" / C.run_id(C.compose(p.overrides))
+        assert r.path == Path(p.cfg.results_dir) / layout.RUNS_DIR / C.run_id(C.compose(p.overrides))
     before = {r.run_id: files(r.path) for r in first.results}
     seen = []
     second = S.run_sweep(S.plan(base + ["lr=0.1"]), on_result=lambda r, done, total: seen.append((r.status, done)))
-    assert [r.status for r in second.results] == ["skipped", "skipped"] and seen == [("skipped", 1), ("skipped", 2)]
+    assert [r.status for r in second.results] == [layout.SKIPPED, layout.SKIPPED] and seen == [(layout.SKIPPED, 1), (layout.SKIPPED, 2)]
     assert {r.run_id: files(r.path) for r in second.results} == before
-    assert second.counts == {"completed": 0, "skipped": 2, "diverged": 0, "failed": 0, "busy": 0}
+    assert second.counts == {layout.COMPLETED: 0, layout.SKIPPED: 2, layout.DIVERGED: 0, layout.FAILED: 0, layout.BUSY: 0}
 
 
 def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
@@ -170,7 +171,7 @@ def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
     assert "RuntimeError: simulated crash" in out  # summary_line of the failed run, and the table
     assert "3 completed, 0 skipped, 0 diverged, 1 failed, 0 busy" in out
     failed = next(p for p in results_dir(base).glob("runs/*") if "none-sgd-lr0.5" in p.name)
-    assert '"status": "failed"' in (failed / "run.json").read_text() and (failed / "error.log").exists()
+    assert '"status": "failed"' in (failed / layout.INFO).read_text() and (failed / layout.ERROR_LOG).exists()
     # rerun: the failed run is retried (now without the crash), the others are skipped
     monkeypatch.setattr(T, "train_epoch", real)
     code, out, _ = cli(capsys, "sweep", *base, "lr=0.1,0.5")
@@ -179,9 +180,9 @@ def test_a_failed_run_does_not_stop_the_others(capsys, base, monkeypatch):
 
 def test_a_failing_setup_is_a_failed_run(base):
     res = S.run_sweep(S.plan(base + ["bn=on", "lr=0.1", "batch_size=64,4096"]))
-    assert [r.status for r in res.results] == ["completed", "failed"]
+    assert [r.status for r in res.results] == [layout.COMPLETED, layout.FAILED]
     assert "batch_size=4096 is larger than the training set" in res.results[1].message
-    assert "failed" in S.format_summary(res).splitlines()[-1] and res.counts["failed"] == 1
+    assert layout.FAILED in S.format_summary(res).splitlines()[-1] and res.counts[layout.FAILED] == 1
 
 
 class HeldLock:
@@ -189,7 +190,7 @@ class HeldLock:
 
     def __init__(self, run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+        self.fd = os.open(run_dir / layout.LOCK, os.O_RDWR | os.O_CREAT)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self):
@@ -200,33 +201,33 @@ class HeldLock:
 def test_busy_run_is_waited_for_and_not_trained_twice(base):
     pl = S.plan(base + ["lr=0.1"])
     held = pl.points[0]
-    lock = HeldLock(Path(held.cfg.results_dir) / "runs" / held.run_id)
+    lock = HeldLock(Path(held.cfg.results_dir) / layout.RUNS_DIR / held.run_id)
     events = []
 
     def on_result(r, done, total):
         events.append((r.run_id == held.run_id, r.status))
-        if r.status == "busy":  # the "other process" finishes the run, then lets go
+        if r.status == layout.BUSY:  # the "other process" finishes the run, then lets go
             lock.release()
-            assert T.run(held.cfg).status == "completed"
+            assert T.run(held.cfg).status == layout.COMPLETED
 
     res = S.run_sweep(pl, on_result=on_result, poll=0.05)
     # the held run is retried after the rest of the queue and then found finished: trained once
-    assert events == [(True, "busy"), (False, "completed"), (True, "skipped")]
-    assert res.counts["busy"] == 0 and [r.status for r in res.results] == ["skipped", "completed"]
+    assert events == [(True, layout.BUSY), (False, layout.COMPLETED), (True, layout.SKIPPED)]
+    assert res.counts[layout.BUSY] == 0 and [r.status for r in res.results] == [layout.SKIPPED, layout.COMPLETED]
 
 
 def test_busy_run_abandoned_by_its_holder_is_trained_by_the_sweep(base):
     pl = S.plan(base + ["lr=0.1", "bn=on"])
-    lock = HeldLock(Path(pl.points[0].cfg.results_dir) / "runs" / pl.points[0].run_id)
+    lock = HeldLock(Path(pl.points[0].cfg.results_dir) / layout.RUNS_DIR / pl.points[0].run_id)
     statuses = []
 
     def on_result(r, done, total):
         statuses.append(r.status)
-        if r.status == "busy":
+        if r.status == layout.BUSY:
             lock.release()  # the holder died before finishing
 
     res = S.run_sweep(pl, on_result=on_result, poll=0.05)
-    assert statuses == ["busy", "completed"] and res.results[0].epochs_completed == 1
+    assert statuses == [layout.BUSY, layout.COMPLETED] and res.results[0].epochs_completed == 1
 
 
 def test_launcher_options(base):
@@ -253,12 +254,12 @@ def test_run_finished_by_another_process_while_preparing_is_not_retrained(base, 
     def prepare(c):
         s = real(c)
         monkeypatch.setattr(T, "prepare", real)
-        assert T.run(c).status == "completed"  # the "other process" finishes it meanwhile
+        assert T.run(c).status == layout.COMPLETED  # the "other process" finishes it meanwhile
         return s
 
     monkeypatch.setattr(T, "prepare", prepare)
     r = T.run(cfg)
-    assert r.status == "skipped" and r.message == "already completed"
+    assert r.status == layout.SKIPPED and r.message == "already completed"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -274,7 +275,7 @@ def test_data_problems_stop_the_sweep_before_any_run(synth_data_dir, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "(grid point " in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / layout.RUNS_DIR).exists() or not any((tmp_path / layout.RUNS_DIR).iterdir())
 
 
 def test_summary_notes_are_the_outcome_labels_of_real_runs(capsys, base):
@@ -285,9 +286,9 @@ def test_summary_notes_are_the_outcome_labels_of_real_runs(capsys, base):
     pl = S.plan(base + ["bn=on,off", "lr=0.1,1000000"])
     res = S.run_sweep(pl)
     rows = S.summary_rows(res)
-    assert {r.status for r in res.results} == {"completed", "diverged"}
+    assert {r.status for r in res.results} == {layout.COMPLETED, layout.DIVERGED}
     for p, r, row in zip(pl.points, res.results, rows):
-        if r.status == "diverged":
+        if r.status == layout.DIVERGED:
             assert row["note"].startswith("diverged: non-finite loss at epoch 1")
         else:
             assert row["note"] == classify_run(Path(r.path), "completed", 10).text()[:S.NOTE_WIDTH]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from test_sweep_procs import check_trained_once, eager_bn, rows, start_sweep, tiny  # noqa: F401 (fixture)
 
+from bnexp import layout as L
 from bnexp import sweep as S
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 def holder_pid(run: Path) -> int | None:
     """The pid the training process wrote into the run's .lock (None while nobody holds it)."""
     try:
-        return int((run / ".lock").read_text().split()[0])
+        return int((run / L.LOCK).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -35,8 +36,8 @@ def kill_one_mid_run(results: Path, done, timeout: float = 240, parent: bool = F
         for m in results.glob("runs/*/metrics.csv"):
             run = m.parent  # metrics.csv comes after run.json's first write
             pid = holder_pid(run)
-            info = json.loads((run / "run.json").read_text())
-            if pid and pid != os.getpid() and info["status"] == "running" and info["epochs_completed"] >= 1:
+            info = json.loads((run / L.INFO).read_text())
+            if pid and pid != os.getpid() and info["status"] == L.RUNNING and info["epochs_completed"] >= 1:
                 os.kill(parent_of(pid) if parent else pid, signal.SIGKILL)
                 return run, pid
         time.sleep(0.01)
@@ -45,10 +46,10 @@ def kill_one_mid_run(results: Path, done, timeout: float = 240, parent: bool = F
 
 def check_failed_by(run: Path, reason: str) -> None:
     """run.json says failed with `reason` (and when); error.log says it too; nothing else changed."""
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "failed" and reason in info["error"] and info["ended"]
-    assert info["epochs_completed"] < 6 and len(rows(run / "metrics.csv")) >= 1
-    assert reason in (run / "error.log").read_text()
+    info = json.loads((run / L.INFO).read_text())
+    assert info["status"] == L.FAILED and reason in info["error"] and info["ended"]
+    assert info["epochs_completed"] < 6 and len(rows(run / L.METRICS)) >= 1
+    assert reason in (run / L.ERROR_LOG).read_text()
 
 
 REASONS = {"joblib": "worker process {pid} died: killed by SIGKILL",
@@ -63,7 +64,7 @@ def test_a_killed_pool_worker_fails_only_its_own_run(synth_data_dir, tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err  # a run failed
     check_failed_by(run, f"worker process {pid} died: killed by SIGKILL")
-    assert json.loads((run / "run.json").read_text())["error"] == f"worker process {pid} died: killed by SIGKILL"
+    assert json.loads((run / L.INFO).read_text())["error"] == f"worker process {pid} died: killed by SIGKILL"
     others = [r for r in results.glob("runs/*") if r != run]
     assert len(others) == 3
     for r in others:  # the run trained beside the killed one went on in its own process: trained once
@@ -78,8 +79,8 @@ def test_a_killed_pool_worker_fails_only_its_own_run(synth_data_dir, tmp_path):
 
     # rerun: only the failed run is trained again, resuming from its last checkpoint
     res = S.run_sweep(S.plan(tiny(synth_data_dir, results, *ARGS)))
-    assert sorted(r.status for r in res.results) == ["completed", "skipped", "skipped", "skipped"]
-    again = next(r for r in res.results if r.status == "completed")
+    assert sorted(r.status for r in res.results) == [L.COMPLETED, L.SKIPPED, L.SKIPPED, L.SKIPPED]
+    again = next(r for r in res.results if r.status == L.COMPLETED)
     assert again.path == run and again.extra["resumed_from"] >= 1
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp import train as T
@@ -49,9 +50,9 @@ def numbers(path: Path) -> list[tuple]:
 
 def check_trained_once(run: Path, epochs: int) -> None:
     """A complete run whose metrics and step losses were written by exactly one training."""
-    assert json.loads((run / "run.json").read_text())["status"] == "completed"
-    assert [r["epoch"] for r in rows(run / "metrics.csv")] == [str(e) for e in range(1, epochs + 1)]
-    steps = rows(run / "steps.csv")
+    assert json.loads((run / L.INFO).read_text())["status"] == L.COMPLETED
+    assert [r["epoch"] for r in rows(run / L.METRICS)] == [str(e) for e in range(1, epochs + 1)]
+    steps = rows(run / L.STEPS)
     assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1)) and steps[-1]["epoch"] == str(epochs)
 
 
@@ -70,20 +71,20 @@ def test_kill_9_then_rerun_resumes_and_matches_a_clean_run(synth_data_dir, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert first is not None, "the first epoch never reached the disk"
-    assert json.loads((first / "run.json").read_text())["status"] == "running"
-    on_disk = len(rows(first / "metrics.csv"))  # the checkpoint is written just before metrics.csv
+    assert json.loads((first / L.INFO).read_text())["status"] == L.RUNNING
+    on_disk = len(rows(first / L.METRICS))  # the checkpoint is written just before metrics.csv
     assert 1 <= on_disk < 4
     assert len(list(results.glob("runs/*"))) == 1  # the second run had not started
 
     res = S.run_sweep(S.plan(args))
-    assert [r.status for r in res.results] == ["completed", "completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED, L.COMPLETED]
     resumed = next(r for r in res.results if r.path == first)
     assert on_disk <= resumed.extra["resumed_from"] < 4  # the epoch in progress was lost, no more
     clean = T.run(C.compose([a.replace(str(results), str(tmp_path / "clean")) for a in args if "," not in a]
                             + [f"bn={'on' if '-bn-' in first.name else 'off'}", "progress=false"]))
     assert clean.run_id == first.name
-    assert numbers(first / "metrics.csv") == numbers(clean.path / "metrics.csv")
-    assert (first / "steps.csv").read_text() == (clean.path / "steps.csv").read_text()
+    assert numbers(first / L.METRICS) == numbers(clean.path / L.METRICS)
+    assert (first / L.STEPS).read_text() == (clean.path / L.STEPS).read_text()
 
 
 def test_two_sweeps_over_overlapping_grids_train_each_run_once(synth_data_dir, tmp_path):
@@ -110,12 +111,12 @@ def test_cluster_launchers_dispatch_the_same_runs(synth_data_dir, tmp_path, laun
     pytest.importorskip(launcher)
     args = tiny(synth_data_dir, tmp_path / launcher, "epochs=1", "bn=on,off", "lr=0.1")
     res = S.run_sweep(S.plan(args, quiet=True), jobs=2, launcher=launcher, options=options)
-    assert [r.status for r in res.results] == ["completed", "completed"]
+    assert [r.status for r in res.results] == [L.COMPLETED, L.COMPLETED]
     serial = S.run_sweep(S.plan([a.replace(str(tmp_path / launcher), str(tmp_path / "serial")) for a in args]))
     for r, s in zip(res.results, serial.results):
         assert r.run_id == s.run_id and r.path.parent.parent == tmp_path / launcher
-        assert numbers(r.path / "metrics.csv") == numbers(s.path / "metrics.csv")
+        assert numbers(r.path / L.METRICS) == numbers(s.path / L.METRICS)
     if launcher == "submitit":
         assert list((tmp_path / launcher / "submitit").glob("*_log.out"))
     again = S.run_sweep(S.plan(args, quiet=True), jobs=2, launcher=launcher, options=options)
-    assert [r.status for r in again.results] == ["skipped", "skipped"]  # not even dispatched
+    assert [r.status for r in again.results] == [L.SKIPPED, L.SKIPPED]  # not even dispatched

@@ -10,6 +10,7 @@ from tensorboard.data.provider import RunTagFilter as provider_filter
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import backend_context, metadata
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp.nn import functional as bn_functional
@@ -24,7 +25,7 @@ def logdir(synth_data_dir, tmp_path_factory):
             "batch_size=64", "epochs=1", "data.verify=false", "progress=false", "threads=1"]
     with bn_functional.use_backend("eager"):
         out = S.run_sweep(S.plan(base + SWEEP))
-    assert [r.status for r in out.results] == ["completed"] * 8
+    assert [r.status for r in out.results] == [L.COMPLETED] * 8
     return results
 
 
@@ -49,7 +50,7 @@ def experiment(tb):
 def test_one_tensorboard_run_per_bnexp_run(logdir, tb):
     mux, _, _ = tb
     runs = sorted(mux.Runs())
-    assert runs == sorted(f"runs/{p.name}" for p in (logdir / "runs").iterdir())
+    assert runs == sorted(f"runs/{p.name}" for p in (logdir / L.RUNS_DIR).iterdir())
     assert len(runs) == 8
 
 

@@ -4,11 +4,12 @@ import csv
 
 import pytest
 
+from bnexp import layout as L
 from bnexp.tracking import RunDir, RunState
 
 
 def read_steps(rd):
-    with open(rd.path / "steps.csv") as f:
+    with open(rd.path / L.STEPS) as f:
         return [(int(r["step"]), int(r["epoch"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import synth
+from bnexp import layout as L
 from bnexp import config
 from bnexp.cli import main
 
@@ -28,7 +29,7 @@ def bnexp(capsys, *args):
 
 
 def only_run(results: Path) -> Path:
-    runs = list((results / "runs").iterdir())
+    runs = list((results / L.RUNS_DIR).iterdir())
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -53,8 +54,8 @@ def test_train_writes_the_results_contract(capsys, fm_args, tmp_path):
     assert code == 0, err
     assert out.startswith("completed lenet5-fashion_mnist-bn-sgd-lr0.1-bs64-e2-s0-")
     run = only_run(tmp_path / "results")
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["epochs_completed"] == 2
+    info = json.loads((run / L.INFO).read_text())
+    assert info["status"] == L.COMPLETED and info["epochs_completed"] == 2
     assert info["device"] == "cpu" and info["seed"] == 0
     assert set(info["versions"]) == {"python", "torch", "torchvision", "bnexp"}
     assert info["git_commit"] is None or len(info["git_commit"]) >= 40
@@ -62,18 +63,18 @@ def test_train_writes_the_results_contract(capsys, fm_args, tmp_path):
     sec = info["seconds"]
     assert set(sec) == {"train", "eval", "probes", "total"} and min(sec.values()) > 0
     assert sec["train"] + sec["eval"] + sec["probes"] <= sec["total"]
-    rows = read_csv(run / "metrics.csv")
+    rows = read_csv(run / L.METRICS)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # the synthetic data is learnable
     assert info["final"]["test_acc"] == float(rows[1]["test_acc"])
-    steps = read_csv(run / "steps.csv")
+    steps = read_csv(run / L.STEPS)
     assert len(steps) == 2 * 8 and steps[-1]["step"] == "16" and steps[-1]["epoch"] == "2"  # 512 / 64 = 8
-    saved = config.from_yaml(run / "config.yaml")
+    saved = config.from_yaml(run / L.CONFIG)
     assert config.run_id(saved) == run.name and saved.bn == "on" and saved.norm.kind == "bn"
-    with np.load(run / "activations.npz") as z:
+    with np.load(run / L.ACTIVATIONS) as z:
         keys = set(z.files)
-    assert {f"e{e}/conv1.norm/{w}" for e in (0, 1, 2) for w in ("input", "output")} <= keys
-    assert (run / "checkpoint.pt").stat().st_size > 0
+    assert {L.activation_key(e, "conv1.norm", w) for e in (0, 1, 2) for w in L.PROBE_POINTS} <= keys
+    assert (run / L.CHECKPOINT).stat().st_size > 0
 
 
 def test_tensorboard_has_scalars_histograms_and_hparams(capsys, fm_args, tmp_path):
@@ -99,9 +100,9 @@ def test_same_seed_same_numbers_and_bn_off(capsys, synth_data_dir, tmp_path):
         assert bnexp(capsys, "train", *args)[0] == 0
     a, b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
     assert a.name == b.name and "-none-" in a.name
-    assert numbers(read_csv(a / "metrics.csv")) == numbers(read_csv(b / "metrics.csv"))
-    assert (a / "steps.csv").read_text() == (b / "steps.csv").read_text()
-    with np.load(a / "activations.npz") as z:  # BN off: the norm position is an identity
+    assert numbers(read_csv(a / L.METRICS)) == numbers(read_csv(b / L.METRICS))
+    assert (a / L.STEPS).read_text() == (b / L.STEPS).read_text()
+    with np.load(a / L.ACTIVATIONS) as z:  # BN off: the norm position is an identity
         np.testing.assert_array_equal(z["e2/conv1.norm/input"], z["e2/conv1.norm/output"])
 
 
@@ -114,14 +115,14 @@ def test_rerun_skips_and_force_retrains(capsys, fm_args, tmp_path):
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()} == before
     code, out, _ = bnexp(capsys, "train", "--force", *fm_args)
     assert code == 0 and out.startswith("completed ")
-    assert (run / "metrics.csv").stat().st_mtime_ns != before["metrics.csv"][0]
+    assert (run / L.METRICS).stat().st_mtime_ns != before[L.METRICS][0]
 
 
 def test_diverged_run_is_a_result(capsys, fm_args, tmp_path):
     code, out, _ = bnexp(capsys, "train", *fm_args, "bn=off", "lr=1e4")
     assert code == 0 and out.startswith("diverged ") and "non-finite loss at epoch 1" in out
-    info = json.loads((only_run(tmp_path / "results") / "run.json").read_text())
-    assert info["status"] == "diverged" and info["diverged_at"]["epoch"] == 1 and info["final"] is None
+    info = json.loads((only_run(tmp_path / "results") / L.INFO).read_text())
+    assert info["status"] == L.DIVERGED and info["diverged_at"]["epoch"] == 1 and info["final"] is None
 
 
 def test_crash_mid_training_is_recorded_as_failed(capsys, fm_args, tmp_path, monkeypatch):
@@ -135,8 +136,8 @@ def test_crash_mid_training_is_recorded_as_failed(capsys, fm_args, tmp_path, mon
     run = only_run(tmp_path / "results")
     assert code == 1 and out == "" and err.count("\n") == 1
     assert err.startswith(f"failed {run.name}: RuntimeError: simulated crash; traceback in ")
-    assert json.loads((run / "run.json").read_text())["status"] == "failed"
-    assert "simulated crash" in (run / "error.log").read_text()
+    assert json.loads((run / L.INFO).read_text())["status"] == L.FAILED
+    assert "simulated crash" in (run / L.ERROR_LOG).read_text()
 
 
 @pytest.mark.slow
@@ -160,16 +161,16 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     proc.wait()
     assert metrics is not None, "the run never finished an epoch"
     run = metrics.parent
-    assert json.loads((run / "run.json").read_text())["status"] == "running", "killed too late to test resume"
+    assert json.loads((run / L.INFO).read_text())["status"] == L.RUNNING, "killed too late to test resume"
     resumed = subprocess.run(cmd + [f"results_dir={killed}"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after epoch" in resumed.stdout
     clean = subprocess.run(cmd + [f"results_dir={tmp_path / 'clean'}"], env=env, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     other = only_run(tmp_path / "clean")
-    assert numbers(read_csv(run / "metrics.csv")) == numbers(read_csv(other / "metrics.csv"))
-    assert (run / "steps.csv").read_text() == (other / "steps.csv").read_text()
-    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    assert numbers(read_csv(run / L.METRICS)) == numbers(read_csv(other / L.METRICS))
+    assert (run / L.STEPS).read_text() == (other / L.STEPS).read_text()
+    assert json.loads((run / L.INFO).read_text())["status"] == L.COMPLETED
     # TensorBoard shows every step once, with the uninterrupted run's values (the killed attempt's
     # points after its checkpoint are purged)
     assert tb_points(run) == tb_points(other) and len(tb_points(run)) == 3 * 200
@@ -224,12 +225,12 @@ def test_kill_next_to_a_checkpoint_keeps_tensorboard_whole(tmp_path, uninterrupt
                            f"results_dir={results}"], capture_output=True, text=True)
     assert died.returncode == 9, died.stderr
     run = only_run(results)
-    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert json.loads((run / L.INFO).read_text())["status"] == L.RUNNING
     resumed = subprocess.run([sys.executable, "-m", "bnexp", *args, f"results_dir={results}"],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed after epoch {resumed_after}" in resumed.stdout
-    assert numbers(read_csv(run / "metrics.csv")) == numbers(read_csv(other / "metrics.csv"))
+    assert numbers(read_csv(run / L.METRICS)) == numbers(read_csv(other / L.METRICS))
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one file per attempt
     for tag in ("batch/loss", "epoch/test_acc"):
         assert tb_points(run, tag) == tb_points(other, tag)
@@ -320,5 +321,5 @@ def test_real_fashion_mnist_one_epoch(capsys, real_data_dir, tmp_path):
     code, out, err = bnexp(capsys, "train", "--bn", "on", f"data_dir={real_data_dir}",
                            f"results_dir={tmp_path}", "epochs=1", "batch_size=256", "lr=0.5", "progress=false")
     assert code == 0, err
-    info = json.loads((only_run(tmp_path) / "run.json").read_text())
+    info = json.loads((only_run(tmp_path) / L.INFO).read_text())
     assert info["final"]["test_acc"] >= 0.80, info["final"]

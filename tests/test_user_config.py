@@ -3,6 +3,7 @@ and presets outside the package, checked as the shipped ones, and unable to chan
 
 import pytest
 
+from bnexp import layout as L
 from bnexp import config as C
 from bnexp import sweep as S
 from bnexp.cli import main
@@ -158,5 +159,5 @@ def test_a_parallel_sweep_trains_the_user_option_in_its_workers(mine, tmp_path, 
     runs = sorted(results.glob("runs/*/run.json"))
     assert len(runs) == 2
     for run in runs:
-        assert json.loads(run.read_text())["status"] == "completed"
-        assert "momentum: 0.9" in (run.parent / "config.yaml").read_text()
+        assert json.loads(run.read_text())["status"] == L.COMPLETED
+        assert "momentum: 0.9" in (run.parent / L.CONFIG).read_text()

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 import bnexp.nn
-from bnexp.nn import functional as bn_functional
+from bnexp.nn import dispatch
 from bnexp.nn.kinds import check_norm, resolve_groups
 
 from ..execution import device_name
@@ -44,7 +44,7 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: 
         if backend is None:
             layer(x).backward(grad)
         else:
-            with bn_functional.use_backend(backend):
+            with dispatch.use_backend(backend):
                 layer(x).backward(grad)
     return step
 
@@ -89,7 +89,7 @@ def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, se
     """
     dev = torch.device(device)
     shapes = default_shapes(dev) if shapes is None else shapes
-    names = list(backends or [bn_functional.resolved_backend(dev)])
+    names = list(backends or [dispatch.resolved_backend(dev)])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(seed)
     kinds = list(kinds or ["bn"])
@@ -128,7 +128,7 @@ def run(device: str = "cpu", shapes=None, repeats: int = 40, warmup: int = 3, se
         "device": str(dev),
         "device_name": _device_name(dev),
         "torch_version": torch.__version__,
-        "backend": names[0] if backends else bn_functional.resolved_backend(dev),
+        "backend": names[0] if backends else dispatch.resolved_backend(dev),
         "backends": names,
         "layout": "channels_last" if channels_last else "contiguous",
         "repeats": repeats,

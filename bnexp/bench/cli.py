@@ -52,6 +52,7 @@ def _first_point(results_dir: Path) -> list[str]:
 
 def finish_grid(results_dir: Path) -> int:
     """A run.json that says completed for every run of the grid under results_dir; the number of runs."""
+    from .. import layout
     from .. import sweep as S
     from ..tracking import RunDir
 
@@ -59,9 +60,8 @@ def finish_grid(results_dir: Path) -> int:
     for p in points:
         rd = RunDir(results_dir, p.run_id)
         rd.path.mkdir(parents=True, exist_ok=True)
-        rd.write_info({"run_id": p.run_id, "status": "completed", "epochs_completed": p.cfg.epochs,
-                       "epochs": p.cfg.epochs, "final": {"train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.6,
-                                                          "test_acc": 0.75},
+        rd.write_info({"run_id": p.run_id, "status": layout.COMPLETED, "epochs_completed": p.cfg.epochs,
+                       "epochs": p.cfg.epochs, "final": dict(zip(layout.FINAL_METRICS, (0.5, 0.8, 0.6, 0.75))),
                        "seconds": {"train": 1.0, "eval": 0.1, "probes": 0.1, "total": 1.5}})
     return len(points)
 
@@ -95,7 +95,7 @@ def imported(importtime_stderr: str) -> set[str]:
     return names
 
 
-def run(device: str = "cpu", repeats: int = 5) -> dict:
+def run(repeats: int = 5) -> dict:
     """Time each command `repeats` times in fresh processes (rotating order); a JSON-serialisable dict."""
     tmp = Path(tempfile.mkdtemp(prefix="bnexp-bench-cli-"))
     try:
@@ -132,8 +132,3 @@ def format_table(result: dict) -> str:
              f"grid: {' '.join(result['grid'])} ({result['runs']} runs)")
     return "\n".join(line.rstrip() for line in [title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
-
-if __name__ == "__main__":
-    res = run()
-    print(format_table(res))
-    print(json.dumps(res, indent=2))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config, data, models, train
-from ..nn import functional as bn_functional
+from ..nn import dispatch
 from .stats import Spread, measure, verdict
 
 
@@ -95,7 +95,7 @@ def run(device: str = "cpu", batch_size: int = 256, repeats: int = 3, dataloader
         "torch": torch.__version__, "threads": torch.get_num_threads(), "model": "lenet5-bn",
         "images": len(y), "batch_size": batch_size, "repeats": repeats,
         "precision": precision, "channels_last": channels_last,
-        "cuda_graphs": s.program.use_graphs, "bn_backend": bn_functional.resolved_backend(dev),
+        "cuda_graphs": s.program.use_graphs, "bn_backend": dispatch.resolved_backend(dev),
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "all_seconds": {k: [round(t, 4) for t in v] for k, v in m.samples.items()},
         "ratio_bnexp_vs_hand": round(m.ratios["bnexp/hand"].median, 3),

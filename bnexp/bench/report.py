@@ -25,7 +25,7 @@ BATCH_SIZES = (64, 128, 256, 512)
 def fabricate(results_dir: Path, n_runs: int = 200, epochs: int = 20, steps_per_epoch: int = 120,
               act_samples: int = 20_000) -> int:
     """Write n_runs fake run directories (the grid above, cycling seeds); return the count."""
-    from bnexp.report.fabricate import fake_run
+    from .fakeruns import fake_run
 
     grid = itertools.product(range(10_000), LRS, BATCH_SIZES, ("on", "off"))
     for seed, lr, bs, bn in itertools.islice(((s, lr, bs, bn) for s, lr, bs, bn in grid), n_runs):
@@ -41,10 +41,9 @@ TARGET_S = 10.0
 
 
 def run(n_runs: int = 200, epochs: int = 20, steps_per_epoch: int = 120, act_samples: int = 20_000,
-        device: str | None = None, repeats: int = 3, max_repeats: int = 10, budget_s: float = 90.0) -> dict:
-    """Fabricate runs in a temporary directory and time write_report(fmt="md") on them, at least
-    `repeats` times. `device` is accepted for `bnexp bench`'s uniform call and ignored (the report
-    is CPU-only)."""
+        repeats: int = 3, max_repeats: int = 10, budget_s: float = 90.0) -> dict:
+    """Fabricate runs in a temporary directory and time write_report(fmt="md") on them (CPU only), at
+    least `repeats` times."""
     from bnexp.report import write_report
 
     from .stats import measure, spread

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 TOLERANCE = 0.10  # three invocations of a benchmark should agree within ±10% (README, Performance)
 CONFIDENCE = 0.95
@@ -45,12 +46,14 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
     median with probability 1 - 2 P(B <= c). Too few values for that: (min, max)."""
     xs = sorted(values)
     n = len(xs)
-    # comb(n, k) / 2 ** n in exact integers: 0.5 ** n is 0.0 past n = 1074, and comb(n, k) * 0.0
-    # overflows converting comb to a float
-    c, tail = 0, 1 / 2 ** n  # tail = P(B <= c)
-    while 2 * (c + 1) < n and tail + math.comb(n, c + 1) / 2 ** n <= (1 - confidence) / 2:
-        c += 1
-        tail += math.comb(n, c) / 2 ** n
+    # exact integers: comb(n, c) * 0.5 ** n overflows a float once n passes ~1,030 values
+    alpha, whole = Fraction(1 - confidence) / 2, 2 ** n
+    c, term, tail = 0, 1, 1  # term = comb(n, c), tail = sum of comb(n, k) for k <= c
+    while 2 * (c + 1) < n:
+        term = term * (n - c) // (c + 1)
+        if Fraction(tail + term, whole) > alpha:
+            break
+        c, tail = c + 1, tail + term
     return xs[c], xs[n - 1 - c]
 
 

@@ -10,11 +10,10 @@ the on-disk compile cache, so that every command finds it warm. Repeats rotate t
 sweeps of each repeat, as min / median / max, with at least `repeats` repeats and more (within
 `budget_s`) until it is settled.
 
-    python -m bnexp.bench.sweep --device cpu --jobs 1 2
-    python -m bnexp.bench.sweep --device cuda --jobs 1 2 4 --preset lr_sensitivity
+    bnexp bench sweep --device cpu
+    python -c 'from bnexp.bench import sweep; print(sweep.format_table(sweep.run("cuda", jobs=(1, 2, 4), preset="lr_sensitivity")))'
 """
 
-import argparse
 import json
 import os
 import platform
@@ -29,9 +28,10 @@ import torch
 
 from .. import config as C
 from .. import launch as L
+from .. import layout
 from .. import sweep as S
 from ..errors import BnexpError
-from ..nn import functional as bn_functional
+from ..nn import dispatch
 from .stats import Spread, measure, verdict
 
 GRID = ["bn=on,off", "lr=0.01,0.05,0.1,0.5"]  # 8 LeNet5 runs on FashionMNIST (plain SGD)
@@ -53,8 +53,8 @@ def _sweep(overrides: list[str], preset: str | None, jobs: int) -> tuple[float, 
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-        statuses = [json.loads(p.read_text())["status"] for p in Path(tmp).glob("runs/*/run.json")]
-        if proc.returncode != 0 or not statuses or set(statuses) - {"completed", "diverged"}:
+        statuses = [json.loads(p.read_text())["status"] for p in Path(tmp).glob(f"{layout.RUNS_DIR}/*/{layout.INFO}")]
+        if proc.returncode != 0 or not statuses or set(statuses) - set(layout.FINISHED):
             last = (proc.stderr.strip() or proc.stdout.strip() or "?").splitlines()[-1]
             raise BnexpError(f"sweep benchmark: `{' '.join(cmd)}` exited {proc.returncode}: {last}")
         return seconds, len(statuses)
@@ -68,7 +68,7 @@ def _warm_up(overrides: list[str], preset: str | None) -> None:
     try:
         first = S.plan(overrides + [f"results_dir={tmp}"], preset=preset, quiet=True).points[0]
         r = L.run_point(C.compose(first.overrides + ["epochs=1", "progress=false"]))
-        if r.status == "failed":
+        if r.status == layout.FAILED:
             raise BnexpError(f"sweep benchmark: {r.message}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +100,7 @@ def run(device: str = "cpu", jobs=(1, 2), preset: str | None = None, overrides=(
                      "samples": m.samples[str(j)], "ratio": speedup.median if speedup else 1.0,
                      "speedup": speedup.to_json() if speedup else None})
     return {"benchmark": "sweep throughput (runs per minute)", "device": device, "device_name": _device_name(device),
-            "torch_version": torch.__version__, "backend": bn_functional.get_backend(), "cpu_cores": os.cpu_count(),
+            "torch_version": torch.__version__, "backend": dispatch.get_backend(), "cpu_cores": os.cpu_count(),
             "preset": preset, "overrides": base, "runs": n_runs[0], "repeats": len(m.samples[first]), "rows": rows,
             "ratios": {label: r.to_json() for label, r in m.ratios.items()}}
 
@@ -118,22 +118,3 @@ def format_table(result: dict) -> str:
     spreads = {label: Spread.from_json(d) for label, d in result["ratios"].items()}
     return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), verdict(spreads)])
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="job counts to compare (default: 1 2)")
-    ap.add_argument("--preset", default=None, help="measure a preset instead of the small grid")
-    ap.add_argument("--repeats", type=int, default=3, help="at least this many sweeps per job count (default: 3)")
-    ap.add_argument("--out", default=None, help="also write the JSON result here")
-    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides (e.g. train_size=60000)")
-    a = ap.parse_args()
-    result = run(a.device, tuple(a.jobs), a.preset, a.overrides, repeats=a.repeats)
-    print(format_table(result))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ the means over each sample's group. Under the auto, compiled and triton backends
 compiled by Inductor (one kernel each way, traced once per dtype, device, eps and affine at
 generic sizes with symbolic shapes; there are no Triton kernels for them), called bare
 (`bnexp.nn.inductor_call`: Inductor's generated `call`, without AOTAutograd's runtime wrapper).
-They go through `functional._run` instead (the same functions, with its backend rules) under
+They go through `dispatch.run` instead (the same functions, with its backend rules) under
 eager, inside an outer torch.compile, on a device where compilation failed, for parameters on
 another device than the input, and where the bare kernels cannot be built (one warning). A
 channels_last input is copied to NCHW for the kernels and the output copied back to
@@ -46,7 +46,7 @@ as (C,) and return (C,) gradients and the group mean themselves, the statistics 
 Function only when asked for (return_stats), views take int sizes (a torch.Size argument costs
 ~2 us more), and the backward skips once_differentiable's no_grad block when grad mode is off
 already (~3 us). What is left is ~14 us more than torch per forward+backward at (2, 4, 2, 2)
-(one thread, best of many steps; it was ~45 us through `functional._run`). Measured ratios:
+(one thread, best of many steps; it was ~45 us through `dispatch.run`). Measured ratios:
 README, "Performance (measured)".
 """
 
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional, inductor_call
+from . import dispatch, functional, inductor_call
 from .kinds import resolve_groups
 
 _GENERIC = (7, 5, 11, 13)  # generic tracing sizes of x (N, G, C/G, S); weight and bias are (G * C/G,)
@@ -150,18 +150,18 @@ class _Kernels:
         return self._backward([grad_y, x4, weight, shift, delta, invstd])
 
 
-_kernels: dict[tuple, _Kernels | None] = {}  # signature -> kernels; None: this signature runs through functional._run
+_kernels: dict[tuple, _Kernels | None] = {}  # signature -> kernels; None: this signature runs through dispatch.run
 _MISSING = object()
 
 
 def _fast_kernels(x4: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> _Kernels | None:
-    """The bare compiled kernels for these arguments, or None where `functional._run` decides (the eager
+    """The bare compiled kernels for these arguments, or None where `dispatch.run` decides (the eager
     backend, an outer torch.compile tracing us, a device where compilation failed, mixed devices).
 
-    Why not `functional._run` always: at LeNet5's sizes its per-call costs (signature building, AOTAutograd's
+    Why not `dispatch.run` always: at LeNet5's sizes its per-call costs (signature building, AOTAutograd's
     runtime wrapper) were ~20 us per forward+backward, a tenth of ATen's whole group norm.
     """
-    if functional.get_backend() == "eager" or torch.compiler.is_compiling():
+    if dispatch.get_backend() == "eager" or torch.compiler.is_compiling():
         return None
     key = (x4.dtype, x4.device, eps, None if weight is None else (weight.dtype, weight.device),
            None if bias is None else (bias.dtype, bias.device))
@@ -173,13 +173,13 @@ def _fast_kernels(x4: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
 
 def _build_kernels(tensors: tuple, eps: float) -> _Kernels | None:
     device = tensors[0].device
-    if device.type in functional._compile_broken or any(t is not None and t.device != device for t in tensors):
+    if device.type in dispatch._compile_broken or any(t is not None and t.device != device for t in tensors):
         return None
     try:
         return _Kernels(tensors, eps)
     except Exception as err:  # no C++ compiler, a torch without compile_to_python, ...
         warnings.warn(f"bnexp group norm: the bare Inductor kernels failed ({type(err).__name__}: "
-                      f"{(str(err).strip().splitlines() or [''])[0]}); using bnexp.nn.functional's backends",
+                      f"{(str(err).strip().splitlines() or [''])[0]}); using bnexp.nn.dispatch's backends",
                       RuntimeWarning, stacklevel=4)
         return None
 
@@ -205,7 +205,7 @@ class _GroupNormFunction(torch.autograd.Function):
         channels_last = not x4.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         kernels = _fast_kernels(x4, weight, bias, eps)
         if kernels is None:
-            y, shift, delta, invstd, mean, var = functional._run("group_forward", group_forward, (x4, weight, bias),
+            y, shift, delta, invstd, mean, var = dispatch.run("group_forward", group_forward, (x4, weight, bias),
                                                                  {"eps": eps})
             # the input, not its view: a view saved here breaks an outer torch.compile (an alias in the graph)
             ctx.save_for_backward(x, weight, shift, delta, invstd)
@@ -234,7 +234,7 @@ class _GroupNormFunction(torch.autograd.Function):
         x4, weight, shift, delta, invstd = ctx.saved_tensors
         grad_y = grad_y.reshape(*ctx.grouped)
         if ctx.kernels is None:
-            grad_x, grad_w, grad_b = functional._run("group_backward", group_backward,
+            grad_x, grad_w, grad_b = dispatch.run("group_backward", group_backward,
                                                      (grad_y, x4.reshape(*ctx.grouped), weight, shift, delta, invstd), {})
         else:
             grad_x, grad_w, grad_b = ctx.kernels.backward(_dense(grad_y), x4, weight, shift, delta, invstd)

@@ -1,6 +1,6 @@
 """A pure tensor function compiled by Inductor and called without AOTAutograd's runtime wrapper.
 
-`functional._compile` hands a traced graph to `torch._inductor.standalone_compile`, whose callable
+`dispatch._compile` hands a traced graph to `torch._inductor.standalone_compile`, whose callable
 wraps Inductor's generated `call` in AOTAutograd's runtime wrapper (argument flattening, aliasing and
 mutation epilogues, grad-mode handling): ~4 us per call on CPU, i.e. half the cost of a small
 kernel call. Here the graph is decomposed with Inductor's own decomposition table at trace time

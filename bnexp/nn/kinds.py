@@ -26,6 +26,9 @@ NORM_KINDS = ("bn", "torch", "none", "gn", "ln", "in", "brn", "ghost", "noisy")
 BATCH_STAT_KINDS = ("bn", "torch", "brn", "ghost", "noisy")  # need > 1 value per channel when training
 DIMS1_KINDS = tuple(k for k in NORM_KINDS if k != "in")  # defined for fully connected (N, C) inputs
 DEFAULT_GROUPS = 32  # Wu & He 2018, section 4: G = 32 is their default
+# The kernels that run the layers' math (bnexp.nn.dispatch), as the config key norm.backend names them.
+BACKENDS = ("auto", "compiled", "eager", "triton")
+BACKEND_ENV = "BNEXP_BN_BACKEND"  # its default for a process (conf/config.yaml reads it too)
 
 # Keywords each kind accepts beyond the common ones (eps, affine, device, dtype).
 _BN_KW = ("momentum", "track_running_stats", "biased_running_var")

@@ -1,7 +1,7 @@
 """Fused Triton kernels for training-mode batch norm: two kernels forward, two backward.
 
 Same contract as `functional.train_forward` / `train_backward` (signatures, return tuples,
-numerics), which `functional._run` dispatches to under BNEXP_BN_BACKEND=triton (and auto on CUDA).
+numerics), which `dispatch.run` dispatches to under BNEXP_BN_BACKEND=triton (and auto on CUDA).
 CUDA tensors run compiled kernels; CPU tensors run the same kernels through Triton's interpreter
 (slow; it lets the kernels be tested on machines without a GPU).
 
@@ -45,7 +45,7 @@ import triton.language as tl
 from .triton_interpret import interpreted
 from torch import Tensor
 
-from .functional import _dense_strides
+from .dispatch import _dense_strides
 
 TILE = 2048  # elements per tile on the GPU: 16 per thread with 4 warps
 NUM_WARPS = 4

@@ -13,11 +13,13 @@ from typing import Any
 
 import yaml
 
+from bnexp import layout
 from bnexp.errors import BnexpError
 
 QUALITIES = ("exact", "approximate", "not_comparable")
-# Metrics a run group can be compared on (the rest, e.g. "steps", are listed only).
-RUN_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss")
+# Metrics a run group can be compared on (the rest, e.g. "steps", are listed only): run.json's final
+# metrics and the first epoch's training loss (metrics.csv's first row; the report reads it).
+RUN_METRICS = (*layout.FINAL_METRICS, "epoch1_train_loss")
 _ROW_META = {"value", "values", "outcome", "note", "label", "metric"}
 
 

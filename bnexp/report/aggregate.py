@@ -12,16 +12,19 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from bnexp import layout as L
 from bnexp import outcome as O
-from bnexp.report.load import AGGREGATED, FINAL_METRICS, NOT_DEFINING, Runs, same_value
+from bnexp.config import default_dropout
+from bnexp.reference import RUN_METRICS
+from bnexp.report.load import NOT_DEFINING, Runs, same_value
 
-METRICS = (*FINAL_METRICS, "epoch1_train_loss")
+METRICS = RUN_METRICS
 OUTCOMES = O.LABELS
 # Columns that name a group in tables (config key, short header); the rest go to "other".
 MAIN_KEYS = (("model.name", "model"), ("data.name", "data"), ("norm.kind", "norm"),
              ("optim.name", "optim"), ("lr", "lr"), ("batch_size", "batch"), ("epochs", "epochs"))
 ARM_KEYS = ("bn", "norm.kind", "norm.eps", "norm.momentum", "norm.biased_running_var")
-AUTO_DROPOUT = {"on": (None, 0.0), "off": (None, 0.5)}   # model.dropout null = 0.5 off / none on
+AUTO_DROPOUT = {"on": (None, default_dropout("bn")), "off": (None, default_dropout("none"))}   # model.dropout null
 
 
 def classify(runs: Runs, num_classes: dict[str, int]) -> pd.DataFrame:
@@ -31,7 +34,7 @@ def classify(runs: Runs, num_classes: dict[str, int]) -> pd.DataFrame:
     by_run = {r: e.sort_values("epoch") for r, e in runs.epochs.groupby("run_id", observed=True)}
     labels, whys = [], []
     for _, r in df.iterrows():
-        if r["status"] not in AGGREGATED:
+        if r["status"] not in L.FINISHED:
             labels.append(r["status"])
             whys.append("")
             continue
@@ -69,14 +72,14 @@ def aggregate(runs: Runs, num_classes: dict[str, int], outcomes: pd.DataFrame | 
     """One row per group: config, group id (G1..), n_runs, seeds, outcomes, mean/std/n per metric.
     `outcomes` is classify's table when the caller already has it (it reads probes from disk)."""
     df = runs.runs.join(classify(runs, num_classes) if outcomes is None else outcomes)
-    df = df[df["status"].isin(AGGREGATED)]
+    df = df[df["status"].isin(L.FINISHED)]
     # Runs of one group that share a seed differ only in how they ran or were observed (device, threads,
     # instruments): one experiment, counted once (the first by run id), so n and std count seeds.
     df = df.sort_values("run_id", kind="stable").drop_duplicates(["group_key", "seed"]) if "seed" in df else df
     keys = defining_keys(runs.config_keys)
     if df.empty:
         return pd.DataFrame(columns=["group", "group_key", *keys, "n_runs", "outcome"])
-    masked = df[list(METRICS)].where(df["outcome"] != "diverged")
+    masked = df[list(METRICS)].where(df["outcome"] != O.DIVERGED)
     g = masked.groupby(df["group_key"], sort=False)
     stats = pd.concat({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}, axis=1)
     stats.columns = [f"{m}_{s}" for s, m in stats.columns]
@@ -161,7 +164,7 @@ def _pair_row(on: pd.Series, off: pd.Series) -> dict:
     row = {"group_bn": on["group"], "group_no_bn": off["group"],
            **{k: on.get(k) for k, _ in MAIN_KEYS if k != "norm.kind"}, "norm.kind": on.get("norm.kind"),
            "outcome_bn": on["outcome"], "outcome_no_bn": off["outcome"]}
-    for m in FINAL_METRICS:
+    for m in L.FINAL_METRICS:
         a, b = on[f"{m}_mean"], off[f"{m}_mean"]
         row.update({f"{m}_bn": a, f"{m}_no_bn": b, f"{m}_delta": a - b})
     return row

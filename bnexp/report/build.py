@@ -16,6 +16,7 @@ from urllib.parse import quote
 import pandas as pd
 
 import bnexp
+from bnexp import layout as L
 from bnexp.errors import BnexpError
 from bnexp.reference import ReferenceData, load_reference
 from bnexp.report import aggregate as agg
@@ -24,7 +25,7 @@ from bnexp.report import render as R
 from bnexp.outcome import legend as outcome_legend
 from bnexp.report.compare import compare, verdict_counts
 from bnexp.report.figure_plan import FigureInfo, draw_all
-from bnexp.report.load import FINAL_METRICS, STATUSES, Runs, apply_where, load_runs, parse_scalar
+from bnexp.report.load import Runs, apply_where, load_runs, parse_scalar
 from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, reference_blocks,
                                  split_display)
 
@@ -107,7 +108,7 @@ def analyse(results_dir: Path, where: list[str]) -> Analysis:
 
 def _header(results_dir: Path, runs, by_status: dict, n_groups: int, where) -> list[R.Block]:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    status = ", ".join(f"{by_status[s]} {s}" for s in STATUSES if by_status.get(s))
+    status = ", ".join(f"{by_status[s]} {s}" for s in L.STATUSES if by_status.get(s))
     lines = [f"Generated {now} by bnexp {bnexp.__version__} from `{results_dir}`.",
              f"Runs: {len(runs.runs)} ({status}) in {n_groups} groups (runs sharing a config except the seed)."]
     if where:
@@ -217,7 +218,7 @@ def run_link(run_id: str, run_dir, out_dir: Path | None) -> str:
     """`[run id](../runs/<id>/run.json)`: a link relative to the report's folder (plain id without one)."""
     if out_dir is None or not isinstance(run_dir, str | Path) or not str(run_dir):
         return str(run_id)
-    rel = os.path.relpath(Path(run_dir) / "run.json", Path(out_dir).absolute()).replace(os.sep, "/")
+    rel = os.path.relpath(Path(run_dir) / L.INFO, Path(out_dir).absolute()).replace(os.sep, "/")
     return f"[{run_id}]({quote(rel)})"
 
 
@@ -275,10 +276,10 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
                         + ", ".join(f"{v} {k}" for k, v in left.items()) + "."))
     if not figs:
         b.append(R.Text("No figures: no aggregated runs."))
-    pending = runs_tab[~runs_tab["status"].isin(("completed", "diverged"))]
+    pending = runs_tab[~runs_tab["status"].isin(L.FINISHED)]
     if len(pending):
         b += [R.Heading("Runs not aggregated (running / interrupted / failed)")]
-        if (pending["status"] == "interrupted").any():
+        if (pending["status"] == L.INTERRUPTED).any():
             b += [R.Text("interrupted: run.json says running, but no process holds the run's lock (it was killed "
                          "or crashed); the same `bnexp train` or `bnexp sweep` resumes it from its last checkpoint.")]
         b += [R.Table(pd.DataFrame({"run": pending["run_id"].map(links), "status": pending["status"],
@@ -316,7 +317,7 @@ def _ledger_blocks(a: Analysis, figs: list[FigureInfo]) -> list[R.Block]:
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     """runs.csv, groups.csv, bn_vs_no_bn.csv, reference.csv: the raw numbers behind the tables."""
     paths = [out_dir / n for n in CSV_NAMES]
-    first = ["run_id", "group", "status", "outcome", *FINAL_METRICS]
+    first = ["run_id", "group", "status", "outcome", *L.FINAL_METRICS]
     rest = [c for c in a.runs_tab.columns if c not in first and c != "group_key"]
     a.runs_tab[first + rest].to_csv(paths[0], index=False)
     a.groups.drop(columns="group_key").to_csv(paths[1], index=False)

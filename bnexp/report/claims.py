@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bnexp import layout as L
 from bnexp.errors import BnexpError
 from bnexp.report.figure_plan import MEASURE_FIGURES
 from bnexp.nn.kinds import KIND_KWARGS
 from bnexp.report.aggregate import fmt_value
-from bnexp.report.load import AGGREGATED, matches
+from bnexp.reference import RUN_METRICS
+from bnexp.report.load import matches
 
 MEASURE_FIGURE_KINDS = tuple(MEASURE_FIGURES)
 
@@ -31,9 +33,7 @@ TESTS = ("lower", "higher", "close", "at_least", "not_trained", "trains_higher_l
 ONE_ARM = ("not_trained", "larger_at_small")
 OVER = {"trains_higher_lr": "lr", "smaller_drop": "batch_size", "larger_at_small": "batch_size"}  # across a key
 NEEDS_TOLERANCE = ("close", "at_least", "smaller_drop", "larger_at_small")
-RUN_QUANTITIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch1_train_loss", "gap", "outcome", "drift",
-                  "precise_gain")
-PRECISE_FILE = "precise.csv"   # bnexp.tracking.PRECISE_COLUMNS (written by training: importing it would import torch)
+RUN_QUANTITIES = (*RUN_METRICS, "gap", "outcome", "drift", "precise_gain")
 # The report's figure kinds (figure_plan.FigureInfo.kind) a setting may link to.
 FIGURE_KINDS = ("loss", "lr", "batch", "activations", "generalization", "ioffe", *MEASURE_FIGURE_KINDS)
 
@@ -155,7 +155,7 @@ def _drift(run_dir: Path) -> float:
     initialisation, is the reference: the first epoch's large move is training, not shift."""
     from bnexp.report.figures import read_activations
 
-    acts = read_activations(run_dir / "activations.npz")
+    acts = read_activations(run_dir)
     by_layer: dict[str, dict[int, np.ndarray]] = {}
     for (epoch, layer, where), v in acts.items():
         if where == "output" and epoch >= 1:
@@ -174,7 +174,7 @@ def _drift(run_dir: Path) -> float:
 def _precise_acc(run_dir: Path) -> float:
     """The last epoch's test accuracy with precise BN statistics (precise.csv), NaN without the file."""
     try:
-        df = pd.read_csv(run_dir / PRECISE_FILE)
+        df = pd.read_csv(run_dir / L.PRECISE)
         return float(df.sort_values("epoch")["test_acc"].iloc[-1]) if len(df) else math.nan
     except (OSError, ValueError, KeyError, IndexError, pd.errors.ParserError):
         return math.nan
@@ -201,7 +201,7 @@ def quantity_values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | 
     A diverged run has no final value of anything: NaN, which the tests count as its arm's worst."""
     if quantity == "outcome":
         return runs["outcome"]
-    return _values(runs, quantity, measures).where(runs["status"] != "diverged")
+    return _values(runs, quantity, measures).where(runs["status"] != L.DIVERGED)
 
 
 def _values(runs: pd.DataFrame, quantity: str, measures: pd.DataFrame | None) -> pd.Series:
@@ -286,7 +286,7 @@ def _label(ctx: pd.DataFrame, shown: list[str]) -> str:
 def evaluate_setting(st: Setting, runs: pd.DataFrame, keys: list[str], min_seeds: int,
                      separation: float, measures: pd.DataFrame | None = None) -> SettingResult:
     """`runs`: the report's runs table (outcome, dir and config columns); `measures`: Runs.measures."""
-    sel = runs[runs["status"].isin(AGGREGATED)]
+    sel = runs[runs["status"].isin(L.FINISHED)]
     for k, wanted in st.select.items():
         sel = sel[matches(sel[k], wanted)] if k in sel else sel.iloc[0:0]
     arm_of = pd.Series("", index=sel.index)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import pandas as pd
 
+from bnexp import outcome as O
 from bnexp.report import fig_measures as FM
 from bnexp.report import measures as M
 from bnexp.report.aggregate import context_key, fmt_value
@@ -110,7 +111,7 @@ def contexts(groups: pd.DataFrame, keys: list[str], drop: tuple[str, ...], prefe
 
 def pick_activation_runs(ctx: pd.DataFrame, runs: pd.DataFrame) -> list[pd.Series]:
     """One run per BN arm of the context (lowest seed with activations.npz): BN first."""
-    r = runs[runs["group"].isin(ctx["group"]) & runs["has_activations"] & (runs["outcome"] != "diverged")]
+    r = runs[runs["group"].isin(ctx["group"]) & runs["has_activations"] & (runs["outcome"] != O.DIVERGED)]
     picked = []
     for bn in ("on", "off"):
         arm = r[r["bn"] == bn].sort_values(["norm.kind", "seed"])
@@ -120,7 +121,7 @@ def pick_activation_runs(ctx: pd.DataFrame, runs: pd.DataFrame) -> list[pd.Serie
 
 
 def activation_figure(picked: list[pd.Series], title: str, path: Path) -> Path | None:
-    arms = [(run, read_activations(Path(run["dir"]) / "activations.npz")) for run in picked]
+    arms = [(run, read_activations(Path(run["dir"]))) for run in picked]
     arms = [(r, a) for r, a in arms if a]
     return fig_activations(arms, title, path) if arms else None
 
@@ -130,11 +131,11 @@ def ioffe_arms(ctx: pd.DataFrame, runs: pd.DataFrame, steps_per_epoch: dict) -> 
     seed, with its seeds' evals.csv and the lowest seed's activations; BN arms first."""
     arms = []
     for _, g in ctx.sort_values(["bn", "norm.kind"], ascending=[False, True]).iterrows():
-        r = runs[(runs["group"] == g["group"]) & (runs["outcome"] != "diverged")].sort_values("seed")
+        r = runs[(runs["group"] == g["group"]) & (runs["outcome"] != O.DIVERGED)].sort_values("seed")
         evals = [read_evals(Path(d)) for d in r["dir"]]
         if not len(r) or any(e.empty for e in evals):
             continue
-        acts = read_activations(Path(r.iloc[0]["dir"]) / "activations.npz") if r.iloc[0]["has_activations"] else {}
+        acts = read_activations(Path(r.iloc[0]["dir"])) if r.iloc[0]["has_activations"] else {}
         arms.append((g, evals, acts, steps_per_epoch.get(g["group"], 1.0)))
     return arms if len(arms) >= 2 else []
 

@@ -11,7 +11,6 @@ no BN orange. Layout uses fixed margins: tight_layout would cost a second full d
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bnexp import layout as L
 from bnexp import outcome as O
 from bnexp.report.aggregate import fmt_value
 
@@ -316,15 +316,15 @@ def fig_sweep(ctx: pd.DataFrame, runs: pd.DataFrame, x_key: str, xlabel: str, lo
 
 # ---------------------------------------------------------------- figure 4: activations
 
-def read_activations(path: Path) -> dict[tuple[int, str, str], np.ndarray]:
-    """activations.npz -> {(epoch, layer, where): values}; unreadable or odd keys are ignored."""
+def read_activations(run_dir: Path) -> dict[tuple[int, str, str], np.ndarray]:
+    """A run's activations.npz -> {(epoch, layer, where): values}; unreadable or odd keys are ignored."""
     out = {}
     try:
-        with np.load(path) as z:
+        with np.load(Path(run_dir) / L.ACTIVATIONS) as z:
             for key in z.files:
-                m = re.fullmatch(r"e(\d+)/(.+)/(input|output)", key)
-                if m:
-                    out[(int(m[1]), m[2], m[3])] = np.asarray(z[key], dtype=np.float32).ravel()
+                parsed = L.parse_activation_key(key)
+                if parsed and parsed[2] in L.PROBE_POINTS:
+                    out[parsed] = np.asarray(z[key], dtype=np.float32).ravel()
     except Exception:  # noqa: BLE001  BadZipFile (truncated), bad CRC-32, EOFError, zlib.error, not an npz...
         return {}
     return out
@@ -376,7 +376,7 @@ PERCENTILES = (15, 50, 85)  # the paper's Figure 1(b, c)
 def read_evals(run_dir: Path) -> pd.DataFrame:
     """evals.csv (step, epoch, test_loss, test_acc) of a run with eval_every > 0; empty if absent or unreadable."""
     try:
-        e = pd.read_csv(run_dir / "evals.csv")
+        e = pd.read_csv(run_dir / L.EVALS)
         return e if {"step", "test_acc"} <= set(e.columns) else pd.DataFrame()
     except (OSError, ValueError):
         return pd.DataFrame()

@@ -24,22 +24,19 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bnexp import config as C
+from bnexp import layout as L
 from bnexp import measures_format as MF
 from bnexp.errors import BnexpError
 from bnexp.locks import RunLock
 from bnexp.report import measures as M
 
-STATUSES = ("running", "interrupted", "completed", "diverged", "failed")
-AGGREGATED = ("completed", "diverged")          # running / interrupted / failed runs are listed, not aggregated
-FINAL_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
-STEPS_COLUMNS = ("step", "epoch", "loss")
 # Config keys that say where or how a run ran, or how it was observed, not what was trained: ignored when
 # grouping. The instruments' keys are among them: measuring does not change the trajectory (issue 15), so a
 # BN run and a no-BN run with instruments on are compared with each other and with runs without them.
-NOT_DEFINING = ("seed", "device", "data_dir", "results_dir", "progress", "probe_every", "data.verify",
-                "channels_last", "cuda_graphs", "threads", "norm.backend", *MF.CONFIG_KEYS,
-                "precise_bn")  # the instruments and precise BN observe a run; its training numbers are the same
+# Besides the keys outside the run id: the seed (the report aggregates over it), and the keys in the id that
+# say how a run was observed (probes, instruments, precise BN, checking the data files).
+NOT_DEFINING = (*C.NON_IDENTITY_KEYS, "seed", "probe_every", "data.verify", *MF.CONFIG_KEYS, "precise_bn")
 CREATE_HINT = "create runs with `bnexp train` or `bnexp sweep` (e.g. `bnexp sweep --preset lr_sensitivity`)"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -66,27 +63,12 @@ class Runs:
 
 # ---------------------------------------------------------------- reading one run
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'name': 'x'}} -> {'model.name': 'x'}; lists become tuples (hashable)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    # `bn` is always "on"/"off" (on iff norm.kind != none); an unquoted YAML `on` reads as True.
-    bn = cfg.get("bn")
-    if isinstance(bn, bool):
-        bn = "on" if bn else "off"
-    if bn not in ("on", "off"):
-        bn = "off" if cfg.get("norm.kind") == "none" else "on"
-    cfg["bn"] = bn
-    return cfg
+def _flat_config(cfg: dict) -> dict[str, Any]:
+    """config.yaml flattened to dotted keys, lists as tuples (hashable); `bn` always "on"/"off"
+    (an unquoted YAML `on` reads as True; a hand-written config may lack it)."""
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in C.flatten(cfg).items()}
+    flat["bn"] = C.bn_word(flat.get("bn")) or C.bn_of(flat.get("norm.kind"))
+    return flat
 
 
 def group_key(cfg: dict[str, Any]) -> str:
@@ -109,42 +91,42 @@ def _dict(x: Any) -> dict:
 def read_run(path: Path) -> tuple[dict | None, str | None]:
     """config.yaml + run.json of one run -> (row, None), or (None, why it must be skipped)."""
     try:
-        cfg = yaml.load((path / "config.yaml").read_text(), Loader=_Loader)
+        cfg = yaml.load((path / L.CONFIG).read_text(), Loader=_Loader)
     except FileNotFoundError:
-        return None, "no config.yaml"
+        return None, f"no {L.CONFIG}"
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        return None, f"config.yaml unreadable ({type(e).__name__})"
+        return None, f"{L.CONFIG} unreadable ({type(e).__name__})"
     if not isinstance(cfg, dict):
-        return None, "config.yaml is not a mapping"
+        return None, f"{L.CONFIG} is not a mapping"
     try:
-        info = json.loads((path / "run.json").read_text())
+        info = json.loads((path / L.INFO).read_text())
     except FileNotFoundError:
-        return None, "no run.json (run not started?)"
+        return None, f"no {L.INFO} (run not started?)"
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, (f"run.json unreadable ({type(e).__name__}; rerunning the run's `bnexp train` command "
+        return None, (f"{L.INFO} unreadable ({type(e).__name__}; rerunning the run's `bnexp train` command "
                       "resumes or retrains it)")
     if not isinstance(info, dict):
-        return None, (f"run.json holds {json.dumps(info)[:40]}, not a JSON object "
+        return None, (f"{L.INFO} holds {json.dumps(info)[:40]}, not a JSON object "
                       "(rerunning the run's `bnexp train` command resumes or retrains it)")
-    if info.get("status") not in STATUSES:
-        return None, f"run.json status {info.get('status')!r} not in {'/'.join(STATUSES)}"
+    if info.get("status") not in L.STATUSES:
+        return None, f"{L.INFO} status {info.get('status')!r} not in {'/'.join(L.STATUSES)}"
 
     status = info["status"]
-    if status == "running" and RunLock(path / ".lock").is_free():
-        status = "interrupted"  # nobody trains it any more
-    cfg = _normalise_config(flatten(cfg))
+    if status == L.RUNNING and RunLock(path / L.LOCK).is_free():
+        status = L.INTERRUPTED  # nobody trains it any more
+    cfg = _flat_config(cfg)
     final = _dict(info.get("final"))
     div, secs, vers = _dict(info.get("diverged_at")), _dict(info.get("seconds")), _dict(info.get("versions"))
     return {
         "run_id": path.name, "status": status,
-        **{m: _num(final.get(m)) for m in FINAL_METRICS},
+        **{m: _num(final.get(m)) for m in L.FINAL_METRICS},
         "epochs_completed": _num(info.get("epochs_completed")),
         "diverged_epoch": _num(div.get("epoch")), "diverged_step": _num(div.get("step")),
         "error": str(info.get("error") or ""),
         "seconds_train": _num(secs.get("train")), "seconds_total": _num(secs.get("total")),
         "git_commit": info.get("git_commit") or "", "bnexp_version": vers.get("bnexp") or "",
         "started": info.get("started") or "", "ended": info.get("ended") or "",
-        "has_activations": (path / "activations.npz").is_file(),
+        "has_activations": (path / L.ACTIVATIONS).is_file(),
         "dir": str(path), "group_key": group_key(cfg),
         **{f"cfg:{k}": v for k, v in cfg.items()},
     }, None
@@ -239,11 +221,11 @@ def read_tables(dirs: list[Path], name: str, columns: tuple[str, ...]) -> tuple[
 
 def load_runs(results_dir: Path) -> Runs:
     """Read every `results_dir/runs/<run_id>/`; raise BnexpError when there is nothing to read."""
-    runs_root = Path(results_dir) / "runs"
+    runs_root = Path(results_dir) / L.RUNS_DIR
     dirs = sorted(p for p in runs_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if runs_root.is_dir() else []
     if not dirs:
-        raise BnexpError(f"no runs in {runs_root} (expected {runs_root}/<run_id>/run.json); {CREATE_HINT}")
+        raise BnexpError(f"no runs in {runs_root} (expected {runs_root}/<run_id>/{L.INFO}); {CREATE_HINT}")
     rows, skipped = [], []
     for d in dirs:
         row, why = read_run(d)
@@ -258,18 +240,18 @@ def load_runs(results_dir: Path) -> Runs:
     df.columns = [c[4:] if c.startswith("cfg:") else c for c in df.columns]
     config_keys = sorted({c[4:] for r in rows for c in r if c.startswith("cfg:")})
     ok = [Path(p) for p in df["dir"]]
-    epochs, m_problems = read_tables(ok, "metrics.csv", METRICS_COLUMNS)
-    steps, s_problems = read_tables(ok, "steps.csv", STEPS_COLUMNS)
+    epochs, m_problems = read_tables(ok, L.METRICS, L.METRIC_COLUMNS)
+    steps, s_problems = read_tables(ok, L.STEPS, L.STEP_COLUMNS)
     asked = dict(zip(df["run_id"], df["measure"].map(M.asks_for_measures))) if "measure" in df else {}
     measures, x_problems = M.read_measures(ok, asked)
     df = _complete_finals(df, epochs)
     df["has_metrics"] = ~df["run_id"].isin(m_problems)
     df["has_steps"] = ~df["run_id"].isin(s_problems)
-    a_problems = {r: why for r, d in zip(df["run_id"], df["dir"]) if (why := npz_problem(Path(d) / "activations.npz"))}
+    a_problems = {r: why for r, d in zip(df["run_id"], df["dir"]) if (why := npz_problem(Path(d) / L.ACTIVATIONS))}
     df["has_activations"] &= ~df["run_id"].isin(a_problems)
 
     # A completed run needs final numbers (run.json or metrics.csv); everything else is optional.
-    bad = (df["status"] == "completed") & ~np.isfinite(df[list(FINAL_METRICS)].astype(float)).any(axis=1)
+    bad = (df["status"] == L.COMPLETED) & ~np.isfinite(df[list(L.FINAL_METRICS)].astype(float)).any(axis=1)
     skipped += [f"skipped {d}: completed but run.json has no final metrics and metrics.csv has no rows"
                 for d in df.loc[bad, "dir"]]
     df = df[~bad].reset_index(drop=True)
@@ -279,9 +261,9 @@ def load_runs(results_dir: Path) -> Runs:
                  f"{s_problems[run_id]}; step curve omitted" if run_id in s_problems else "",
                  f"{x_problems[run_id]}; measure figures omitted" if run_id in x_problems else ""]
         # a missing file is expected while a run is running or after it failed
-        notes = [n for n in notes if n and (status in AGGREGATED or not n.startswith("no "))]
+        notes = [n for n in notes if n and (status in L.FINISHED or not n.startswith("no "))]
         if run_id in a_problems:  # damaged, not just absent: worth a line whatever the status
-            fix = "retrains the run" if status in AGGREGATED else "starts the run over"
+            fix = "retrains the run" if status in L.FINISHED else "starts the run over"
             notes.append(f"{a_problems[run_id]}; activation figure omitted (`bnexp train ... --force` {fix} "
                          "to record it again)")
         if notes:
@@ -296,10 +278,11 @@ def _complete_finals(df: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     """epoch1_train_loss from metrics.csv; finals from its last row where run.json has none."""
     first = epochs[epochs["epoch"] == 1].groupby("run_id")["train_loss"].first()
     df["epoch1_train_loss"] = df["run_id"].map(first).astype(float)
-    last = epochs.sort_values("epoch").groupby("run_id")[list(FINAL_METRICS)].last()
-    none = ~np.isfinite(df[list(FINAL_METRICS)].astype(float)).any(axis=1) & df["run_id"].isin(last.index)
+    finals = list(L.FINAL_METRICS)
+    last = epochs.sort_values("epoch").groupby("run_id")[finals].last()
+    none = ~np.isfinite(df[finals].astype(float)).any(axis=1) & df["run_id"].isin(last.index)
     if none.any():
-        df.loc[none, list(FINAL_METRICS)] = last.loc[df.loc[none, "run_id"]].to_numpy()
+        df.loc[none, finals] = last.loc[df.loc[none, "run_id"]].to_numpy()
     return df
 
 

@@ -8,11 +8,11 @@ import math
 
 import pandas as pd
 
+from bnexp import layout as L
 from bnexp.reference import ReferenceData
 from bnexp.report import aggregate as agg
 from bnexp.report import render as R
 from bnexp.report.compare import tolerance_text
-from bnexp.report.load import FINAL_METRICS
 
 
 def fmt_stat(mean: float, std: float, n: int, digits: int = 4) -> str:
@@ -36,7 +36,7 @@ def groups_display(groups: pd.DataFrame, other: list[str]) -> pd.DataFrame:
         d["other"] = groups.apply(lambda r: agg.other_text(r, other), axis=1)
     d["seeds"] = groups["n_runs"].astype(int).astype(str)
     d["outcome"] = groups["outcome"]
-    for m in FINAL_METRICS:
+    for m in L.FINAL_METRICS:
         d[m.replace("_", " ")] = [fmt_stat(a, s, n) for a, s, n in
                                   zip(groups[f"{m}_mean"], groups[f"{m}_std"], groups[f"{m}_n"])]
     return d
