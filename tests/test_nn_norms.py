@@ -623,7 +623,7 @@ def test_gn_compiled_parity(layout, shape):
             for n in (shape[0], 3):  # another batch size: the same kernel (symbolic sizes)
                 _assert_same(ours, ref, _x((n, *shape[1:]), torch.float32, layout), torch.float32, what=kind,
                              same_layout=kind != "in")
-    kernels = [k for k in groupnorm._kernels.values() if k is not None]  # the bare Inductor calls, not functional's
+    kernels = [k for k in groupnorm._kernels.values() if k is not None]  # the bare Inductor calls, not dispatch's
     assert kernels and all(k._backward is not None for k in kernels), "nothing was compiled"
     assert not any(key[0].startswith("group_") for key in dispatch._compiled)
 
