@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import bnexp.nn
-from bnexp.nn import dispatch
+from bnexp.nn import dispatch, groupnorm
 from bnexp.nn import functional as bnF
 from bnexp.nn.ghostnorm import ghost_sizes
 from bnexp.nn.kinds import resolve_groups
@@ -623,7 +623,47 @@ def test_gn_compiled_parity(layout, shape):
             for n in (shape[0], 3):  # another batch size: the same kernel (symbolic sizes)
                 _assert_same(ours, ref, _x((n, *shape[1:]), torch.float32, layout), torch.float32, what=kind,
                              same_layout=kind != "in")
-    assert {"group_forward", "group_backward"} <= {key[0] for key in dispatch._compiled}, "nothing was compiled"
+    kernels = [k for k in groupnorm._kernels.values() if k is not None]  # the bare Inductor calls, not dispatch's
+    assert kernels and all(k._backward is not None for k in kernels), "nothing was compiled"
+    assert not any(key[0].startswith("group_") for key in dispatch._compiled)
+
+
+def _refuses_double_backward(layer):
+    x = torch.randn(4, 6, 3, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.sum().backward()
+
+
+def test_gn_double_backward_is_refused():
+    _refuses_double_backward(bnexp.nn.make_norm("gn", 6, 2, groups=3))
+
+
+@pytest.mark.slow
+def test_gn_compiled_odd_inputs_and_fallback(monkeypatch):
+    """The bare kernels take dense arguments: a strided weight, an expanded gradient (sum().backward()) and
+    affine=False are made to fit; where the bare kernels cannot be built, dispatch's backends run (one warning)."""
+    x = _x((4, 6, 3, 5), torch.float32).requires_grad_()
+    w, b = (torch.randn(12, dtype=torch.float32)[::2].requires_grad_() for _ in range(2))
+    for weight, bias in ((w, b), (None, None)):
+        with bnF.use_backend("compiled"):
+            y = groupnorm.group_norm(x, 3, weight, bias)
+            grads = torch.autograd.grad(y.sum(), [x] + [t for t in (weight, bias) if t is not None])
+        y_ref = F.group_norm(x, 3, weight, bias)
+        grads_ref = torch.autograd.grad(y_ref.sum(), [x] + [t for t in (weight, bias) if t is not None])
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+        for a, r in zip(grads, grads_ref):
+            torch.testing.assert_close(a, r, **TOL[torch.float32])
+    with bnF.use_backend("compiled"):
+        _refuses_double_backward(bnexp.nn.make_norm("gn", 6, 2, groups=3))
+    monkeypatch.setattr(groupnorm, "_kernels", {})
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(groupnorm.inductor_call, "compile_inner", broken)
+    with bnF.use_backend("compiled"), pytest.warns(RuntimeWarning, match="bare Inductor kernels failed"):
+        torch.testing.assert_close(groupnorm.group_norm(x, 3), F.group_norm(x, 3), **TOL[torch.float32])
+    assert any(key[0] == "group_forward" for key in dispatch._compiled), "dispatch's compiled kernels did not run"
 
 
 BRN_UNDER_AOT = pytest.mark.xfail(strict=True, reason="known bug: under an outer torch.compile (AOTAutograd) brn's "

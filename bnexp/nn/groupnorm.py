@@ -26,27 +26,38 @@ the variance in two passes, mean((d - mean(d))^2), also when compiled: a group's
 contiguous, and Inductor's single-pass var_mean measured ~4x slower than two passes on CPU)
 and the closed-form backward of Wu & He's normalisation
     dL/dx = invstd * (h - mean(h) - x_hat * mean(h * x_hat)),  h = dL/dy * weight[c],
-the means over each sample's group. They run through `functional._run`: compiled by Inductor
-(one kernel each way, traced once at generic sizes with symbolic shapes) under the auto and
-compiled backends, plain torch ops under eager; there are no Triton kernels for them, so on CUDA
-auto/triton run them compiled. A channels_last input is copied to NCHW for the kernels and the
-output copied back to channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
+the means over each sample's group. Under the auto, compiled and triton backends they run
+compiled by Inductor (one kernel each way, traced once per dtype, device, eps and affine at
+generic sizes with symbolic shapes; there are no Triton kernels for them), called bare
+(`bnexp.nn.inductor_call`: Inductor's generated `call`, without AOTAutograd's runtime wrapper).
+They go through `dispatch.run` instead (the same functions, with its backend rules) under
+eager, inside an outer torch.compile, on a device where compilation failed, for parameters on
+another device than the input, and where the bare kernels cannot be built (one warning). A
+channels_last input is copied to NCHW for the kernels and the output copied back to
+channels_last (torch's GroupNorm keeps the layout too); empty inputs go to
 `torch.nn.functional.group_norm`.
 
-Speed (CPU): the compiled kernels alone are about as fast as ATen's group norm at LeNet5's
-shapes, so what decides the ratio is the fixed cost per call around them (autograd.Function,
-the kernel lookup, AOTAutograd's wrapper of the compiled graph), ~40 us per forward+backward
-more than torch's C++ path. Hence the kernels take weight and bias as (C,) and return (C,)
-gradients and the group mean themselves (no view or add per call), and the statistics leave
-the autograd Function only when asked for (return_stats). Measured ratios: README,
-"Performance (measured)".
+Speed (CPU): at LeNet5's shapes the compiled kernels alone are as fast as ATen's group norm or
+faster (0.7-0.9x of ATen's forward+backward, one thread), so what decides the ratio is the fixed
+cost per call around them, which torch's C++ path does not pay: the autograd Function and its
+Python backward, the signature lookup, the kernels' own Python `call` (allocation, size asserts).
+Each forward+backward is kept to a few cache lookups and views: the kernels take weight and bias
+as (C,) and return (C,) gradients and the group mean themselves, the statistics leave the
+Function only when asked for (return_stats), views take int sizes (a torch.Size argument costs
+~2 us more), and the backward skips once_differentiable's no_grad block when grad mode is off
+already (~3 us). What is left is ~14 us more than torch per forward+backward at (2, 4, 2, 2)
+(one thread, best of many steps; it was ~45 us through `dispatch.run`). Measured ratios:
+README, "Performance (measured)".
 """
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, functional
+from . import dispatch, functional, inductor_call
 from .kinds import resolve_groups
 
 _GENERIC = (7, 5, 11, 13)  # generic tracing sizes of x (N, G, C/G, S); weight and bias are (G * C/G,)
@@ -111,9 +122,77 @@ group_forward.example_shapes = (_GENERIC, _CHANNELS, _CHANNELS)
 group_backward.example_shapes = (_GENERIC, _GENERIC, _CHANNELS, _GENERIC[:2], _GENERIC[:2], _GENERIC[:2])
 
 
-def _grouped(x: Tensor, groups: int) -> Tensor:
-    """x as (N, G, C/G, S): a view where the layout allows."""
-    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+def _dense(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _examples(fn, tensors: tuple) -> list:
+    """Zero tensors like `tensors` at fn's generic tracing sizes (None stays None)."""
+    return [None if t is None else torch.zeros(shape, dtype=t.dtype, device=t.device)
+            for t, shape in zip(tensors, fn.example_shapes)]
+
+
+class _Kernels:
+    """The bare Inductor calls (`inductor_call`) of group_forward and group_backward for one signature;
+    the backward is compiled on its first use. Arguments: dense tensors, None left out."""
+
+    def __init__(self, tensors: tuple, eps: float):
+        self.affine = tuple(t is not None for t in tensors[1:])
+        self.forward = inductor_call.compile_inner(group_forward, _examples(group_forward, tensors), {"eps": eps})
+        self._backward = None
+
+    def backward(self, grad_y, x4, weight, shift, delta, invstd):
+        if self._backward is None:
+            tensors = (grad_y, x4, weight, shift, delta, invstd)
+            self._backward = inductor_call.compile_inner(group_backward, _examples(group_backward, tensors), {})
+        if weight is None:
+            return self._backward([grad_y, x4, shift, delta, invstd])
+        return self._backward([grad_y, x4, weight, shift, delta, invstd])
+
+
+_kernels: dict[tuple, _Kernels | None] = {}  # signature -> kernels; None: this signature runs through dispatch.run
+_MISSING = object()
+
+
+def _fast_kernels(x4: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> _Kernels | None:
+    """The bare compiled kernels for these arguments, or None where `dispatch.run` decides (the eager
+    backend, an outer torch.compile tracing us, a device where compilation failed, mixed devices).
+
+    Why not `dispatch.run` always: at LeNet5's sizes its per-call costs (signature building, AOTAutograd's
+    runtime wrapper) were ~20 us per forward+backward, a tenth of ATen's whole group norm.
+    """
+    if dispatch.get_backend() == "eager" or torch.compiler.is_compiling():
+        return None
+    key = (x4.dtype, x4.device, eps, None if weight is None else (weight.dtype, weight.device),
+           None if bias is None else (bias.dtype, bias.device))
+    kernels = _kernels.get(key, _MISSING)
+    if kernels is _MISSING:
+        kernels = _kernels[key] = _build_kernels((x4, weight, bias), eps)
+    return kernels
+
+
+def _build_kernels(tensors: tuple, eps: float) -> _Kernels | None:
+    device = tensors[0].device
+    if device.type in dispatch._compile_broken or any(t is not None and t.device != device for t in tensors):
+        return None
+    try:
+        return _Kernels(tensors, eps)
+    except Exception as err:  # no C++ compiler, a torch without compile_to_python, ...
+        warnings.warn(f"bnexp group norm: the bare Inductor kernels failed ({type(err).__name__}: "
+                      f"{(str(err).strip().splitlines() or [''])[0]}); using bnexp.nn.dispatch's backends",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _once_differentiable(backward):
+    """torch's once_differentiable (double backward raises), minus its no_grad block where grad mode is off
+    already, as in every backward without create_graph: that block costs ~3 us a call."""
+    refusing = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return refusing(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    return wrapper
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -121,14 +200,24 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, return_stats):
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x4 = _grouped(x, groups)
-        y, shift, delta, invstd, mean, var = dispatch.run("group_forward", group_forward, (x4, weight, bias),
-                                                           {"eps": eps})
-        # the inputs, not their views: a view saved here would break an outer torch.compile (an alias in the graph)
-        ctx.save_for_backward(x, weight, shift, delta, invstd)
-        ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
-        y = y.view(x.shape)
+        shape = x.shape
+        x4 = x.reshape(shape[0], groups, shape[1] // groups, -1)  # a view where the layout allows
+        channels_last = not x4.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        kernels = _fast_kernels(x4, weight, bias, eps)
+        if kernels is None:
+            y, shift, delta, invstd, mean, var = dispatch.run("group_forward", group_forward, (x4, weight, bias),
+                                                                 {"eps": eps})
+            # the input, not its view: a view saved here breaks an outer torch.compile (an alias in the graph)
+            ctx.save_for_backward(x, weight, shift, delta, invstd)
+        else:
+            x4, weight, bias = _dense(x4), _dense(weight), _dense(bias)
+            args = [x4, weight, bias] if kernels.affine == (True, True) else [t for t in (x4, weight, bias)
+                                                                               if t is not None]
+            y, shift, delta, invstd, mean, var = kernels.forward(args)
+            ctx.save_for_backward(x4, weight, shift, delta, invstd)
+        ctx.kernels, ctx.shape, ctx.grouped = kernels, shape, y.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = y.view_as(x)  # (a torch.Size argument to view or reshape costs ~2 us more than ints)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         if not return_stats:
@@ -138,16 +227,19 @@ class _GroupNormFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:
             return (None,) * 6
-        x, weight, shift, delta, invstd = ctx.saved_tensors
-        x4 = _grouped(x, ctx.groups)
-        grad_x, grad_w, grad_b = dispatch.run("group_backward", group_backward,
-                                               (grad_y.reshape(x4.shape), x4, weight, shift, delta, invstd), {})
+        x4, weight, shift, delta, invstd = ctx.saved_tensors
+        grad_y = grad_y.reshape(*ctx.grouped)
+        if ctx.kernels is None:
+            grad_x, grad_w, grad_b = dispatch.run("group_backward", group_backward,
+                                                     (grad_y, x4.reshape(*ctx.grouped), weight, shift, delta, invstd), {})
+        else:
+            grad_x, grad_w, grad_b = ctx.kernels.backward(_dense(grad_y), x4, weight, shift, delta, invstd)
         needs = ctx.needs_input_grad
-        grad_x = grad_x.view(x.shape) if needs[0] else None
+        grad_x = grad_x.view(*ctx.shape) if needs[0] else None
         grad_w = (grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)) if needs[1] else None
         grad_b = (grad_b if grad_b.dtype == ctx.bias_dtype else grad_b.to(ctx.bias_dtype)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None, None
@@ -173,12 +265,15 @@ class GroupNorm(torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 2:
+        shape = input.shape
+        if len(shape) < 2:
             raise ValueError(f"{type(self).__name__}: expected an (N, C, *) input, got {input.dim()}D input")
-        if input.shape[1] != self.num_channels:
+        if shape[1] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels, got input of size "
-                             f"{tuple(input.shape)}")
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+                             f"{tuple(shape)}")
+        if 0 in shape:
+            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return _GroupNormFunction.apply(input, self.weight, self.bias, self.num_groups, self.eps, False)
 
 
 class LayerNorm(GroupNorm):
