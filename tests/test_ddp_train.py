@@ -167,3 +167,30 @@ def test_sweep_runs_a_data_parallel_point(synth_data_dir, tmp_path):
     assert len(runs) == 2 and sum("-np2-" in run for run in runs) == 1  # sync=false: per-process statistics
     for run in runs:
         assert '"status": "completed"' in (tmp_path / "r" / "runs" / run / "run.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_hung_process_fails_the_run_after_the_timeout(synth_data_dir, tmp_path):
+    """SIGSTOP one process mid-run: the other gives up after $BNEXP_DIST_TIMEOUT and the run fails with
+    one line naming the timeout, instead of waiting forever."""
+    args = [*_args(synth_data_dir, tmp_path / "r"), "epochs=50", "nproc=2", "norm.sync=true"]
+    p = subprocess.Popen([sys.executable, "-m", "bnexp", "train", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "BNEXP_DIST_TIMEOUT": "5"})
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not glob.glob(str(tmp_path / "r" / "runs" / "*" / "metrics.csv")):
+        time.sleep(0.05)
+    workers = _workers(p.pid)
+    assert len(workers) == 2, "the run ended before a process could be stopped"
+    os.kill(max(workers), signal.SIGSTOP)
+    t = time.time()
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert p.returncode == 1 and time.time() - t < 90, (out, err)
+    assert "lost the other processes (no answer within 5 s: one of them hung or died" in out, (out, err)
