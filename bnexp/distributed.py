@@ -200,22 +200,19 @@ def check_split(nproc: int, batch_size: int) -> None:
                          f"batch, split equally over the processes; use a multiple of {nproc}")
 
 
-def check_gpus(nproc: int, device: str) -> None:
-    """Enough GPUs for one process each when the run is on CUDA (device=cuda, or auto on a CUDA machine)."""
-    if nproc == 1 or not (device == "auto" or device.startswith("cuda")):
+def check_gpus(nproc: int, spec: str, device) -> None:
+    """Enough GPUs for one process each when the run is on CUDA. `device` is `spec` resolved by
+    train.resolve_device, which owns the checks that the device exists (auto on a CPU machine: CPU processes)."""
+    if nproc == 1 or device.type != "cuda":
         return
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "auto" and gpus == 0:  # auto runs on the CPU here: processes, not GPUs
-        return
-    if gpus == 0:
-        raise BnexpError(f"device={device} but CUDA is not available here; use device=cpu or device=auto")
-    if ":" in device:
-        raise BnexpError(f"device={device} with nproc={nproc}: each process takes its own GPU (cuda:LOCAL_RANK); "
+    if ":" in spec:
+        raise BnexpError(f"device={spec} with nproc={nproc}: each process takes its own GPU (cuda:LOCAL_RANK); "
                          f"use device=cuda")
+    gpus = torch.cuda.device_count()
     if nproc > gpus:
-        raise BnexpError(f"nproc={nproc} processes need {nproc} GPUs on device={device}, but {gpus} "
+        raise BnexpError(f"nproc={nproc} processes need {nproc} GPUs on device={spec}, but {gpus} "
                          f"{'is' if gpus == 1 else 'are'} visible; use nproc<={gpus}, or device=cpu")
 
 

@@ -33,8 +33,9 @@ class Seen:
 def check(cfg, seen: Seen | None = None) -> None:
     """Raise BnexpError (one line) if the run `cfg` describes cannot start here."""
     seen = Seen() if seen is None else seen
-    T.use_graphs(cfg, T.resolve_device(cfg.device))
-    distributed.check_gpus(cfg.nproc, cfg.device)
+    device = T.resolve_device(cfg.device)
+    T.use_graphs(cfg, device)
+    distributed.check_gpus(cfg.nproc, cfg.device, device)
     check_sizes(cfg, *split_sizes(cfg, seen))
     model = (cfg.data.name, cfg.norm.kind, str(cfg.model), str(T.norm_kwargs(cfg)))  # what T.build reads
     if model not in seen.models:

@@ -10,7 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bnexp import distributed as D
+from bnexp import preflight
+from bnexp.config import compose
 from bnexp.errors import BnexpError
+from bnexp.train import resolve_device
 
 
 def test_shards_of_a_batch_cover_it_once_in_order():
@@ -48,14 +51,14 @@ def test_split_and_gpus_refused():
     with pytest.raises(BnexpError, match="batch_size=8 does not divide by nproc=3"):
         D.check_split(3, 8)
     D.check_split(2, 8)
-    D.check_gpus(4, "cpu")  # CPU processes: any number
+    D.check_gpus(4, "cpu", torch.device("cpu"))  # CPU processes: any number
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
 def test_check_gpus_cuda_without_gpus():
     with pytest.raises(BnexpError, match="CUDA is not available"):
-        D.check_gpus(2, "cuda")
-    D.check_gpus(2, "auto")  # auto on a CPU machine: CPU processes
+        preflight.check(compose(["nproc=2", "device=cuda"]))  # train.resolve_device, before check_gpus
+    D.check_gpus(2, "auto", resolve_device("auto"))  # auto on a CPU machine: CPU processes
 
 
 def test_port_in_use_is_refused():
