@@ -281,3 +281,22 @@ def test_sync_bn_experiment_and_runs_from_before_nproc_group_with_new_ones(tmp_p
     row = _experiment_row((tmp_path / "report" / "report.md").read_text(), "sync_bn")
     assert row[2].startswith("7 runs;") and "incomplete" not in row[2], row
     assert r.n_groups == 3  # the old run is in the batch-32, one-process group
+
+
+def test_sync_bn_table_puts_per_process_bn_beside_the_one_process_batches(tmp_path):
+    from bnexp.report.build import write_report
+
+    base = dict(model="lenet5", norm="bn", lr=0.1, lr_scale_batch=256, epochs=5)
+    out = tmp_path / "report"
+    fake_run(tmp_path, batch_size=32, seed=0, train_loss=0.74, **base)
+    fake_run(tmp_path, batch_size=8, seed=0, train_loss=0.92, **base)
+    write_report(tmp_path, out_dir=out, fmt="md")
+    assert "Data-parallel BN" not in (out / "report.md").read_text()  # no run on several processes yet
+    fake_run(tmp_path, batch_size=32, nproc=4, seed=0, train_loss=0.921, **base)
+    write_report(tmp_path, out_dir=out, fmt="md")
+    md = (out / "report.md").read_text()
+    table = md[md.index("## Data-parallel BN (sync_bn)"):].split("\n\n")[2].splitlines()[2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")][1:6] for row in table]
+    assert cells == [["1", "32", "the 32 images of the batch", "1", "0.7400 (n=1)"],
+                     ["4", "32", "8 images on each process", "1", "0.9210 (n=1)"],
+                     ["1", "8", "the 8 images of the batch", "1", "0.9200 (n=1)"]], cells

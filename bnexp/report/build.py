@@ -26,7 +26,7 @@ from bnexp.outcome import legend as outcome_legend
 from bnexp.report.compare import compare, verdict_counts
 from bnexp.report.figure_plan import FigureInfo, draw_all
 from bnexp.report.load import Runs, apply_where, load_runs, parse_scalar
-from bnexp.report.tables import (fmt_cell, groups_display, pairs_display, reference_blocks,
+from bnexp.report.tables import (data_parallel_display, fmt_cell, groups_display, pairs_display, reference_blocks,
                                  split_display)
 
 FORMATS = ("md", "html", "both")
@@ -266,6 +266,7 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
           R.Text("Groups that differ only in the BN arm (bn / norm.*; dropout too where it follows the "
                  "automatic rule: 0.5 without BN, none with BN). Δ = BN − no BN.")]
     b += [R.Table(pairs_display(pairs), "bn_vs_no_bn.csv")] if len(pairs) else [R.Text("No pairs yet.")]
+    b += _data_parallel_blocks(groups)
     split = split_display(runs_tab, groups)
     if len(split):
         b += [R.Heading("Per-seed outcomes where seeds split"), R.Table(split.assign(run=split["run"].map(links)))]
@@ -290,6 +291,20 @@ def build_blocks(a: Analysis, results_dir: Path, where: list[str], figs: list[Fi
     if runs.warnings:
         b += [R.Heading("Skipped or partial run directories"), R.Bullets(runs.warnings)]
     return b
+
+
+def _data_parallel_blocks(groups: pd.DataFrame) -> list[R.Block]:
+    """The sync_bn comparison side by side, when its runs are there with more than one process."""
+    mine = groups[groups["group"].isin(experiment_groups("sync_bn", groups))] if len(groups) else groups
+    if not len(mine) or not (mine["nproc"].astype(int) > 1).any():
+        return []
+    mine = mine.sort_values(["batch_size", "nproc"], ascending=[False, True])
+    return [R.Heading("Data-parallel BN (sync_bn)"),
+            R.Text("BN on several processes normalises each process's shard of the global batch (norm.sync=false); "
+                   "with norm.sync=true its statistics span the whole batch, which is the one-process run at "
+                   "that batch (the same numbers, so the same run id: that row stands for both). Mean ± sample "
+                   "std over seeds."),
+            R.Table(data_parallel_display(mine))]
 
 
 def _ledger_blocks(a: Analysis, figs: list[FigureInfo]) -> list[R.Block]:

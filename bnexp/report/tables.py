@@ -42,6 +42,21 @@ def groups_display(groups: pd.DataFrame, other: list[str]) -> pd.DataFrame:
     return d
 
 
+def data_parallel_display(groups: pd.DataFrame) -> pd.DataFrame:
+    """The groups of a data-parallel comparison: processes, global batch, what BN's statistics span
+    (each process's shard with per-process statistics, the whole batch on one process, which is
+    also what norm.sync=true computes on several), and the final numbers."""
+    d = pd.DataFrame({"group": groups["group"], "processes": groups["nproc"].astype(int).astype(str),
+                      "global batch": groups["batch_size"].astype(int).astype(str)})
+    d["BN statistics over"] = [f"{b // n} images on each process" if n > 1 else f"the {b} images of the batch"
+                               for b, n in zip(groups["batch_size"].astype(int), groups["nproc"].astype(int))]
+    d["seeds"] = groups["n_runs"].astype(int).astype(str)
+    for m in ("train_loss", "test_acc"):
+        d[m.replace("_", " ")] = [fmt_stat(a, s, n) for a, s, n in
+                                  zip(groups[f"{m}_mean"], groups[f"{m}_std"], groups[f"{m}_n"])]
+    return d
+
+
 def pairs_display(pairs: pd.DataFrame) -> pd.DataFrame:
     d = pd.DataFrame({"BN group": pairs["group_bn"], "no-BN group": pairs["group_no_bn"]})
     for key, short in agg.MAIN_KEYS:
